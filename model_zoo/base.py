@@ -1,0 +1,58 @@
+"""The Model interface and what a model returns.
+
+A model is loaded once (``load``) and then called per series (``predict``). It receives a
+:class:`~dicom_ai_node.imaging.volume.Volume` and returns a :class:`ModelOutput` whose arrays
+are on the same grid as the input volume. Coded concepts (what a segment *is*, the unit of a
+measurement) come from the model's manifest, not from code, so the encoders in
+``dicom_ai_node.results`` can turn any model's output into SEG / SR / key images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from dicom_ai_node.imaging.volume import Volume
+    from model_zoo.manifest import Manifest
+
+
+@dataclass
+class SegmentMask:
+    name: str  # key of an [[outputs.segments]] entry in the manifest
+    mask: np.ndarray  # bool (slices, rows, columns), same grid as the input volume
+
+
+@dataclass
+class Measurement:
+    name: str  # key of an [[outputs.measurements]] entry in the manifest
+    value: float
+    segment: str | None = None  # segment the measurement was taken on, if any
+
+
+@dataclass
+class Finding:
+    name: str  # key of an [[outputs.findings]] entry in the manifest
+    value: str  # key of one of that finding's coded values
+    probability: float  # 0..1
+
+
+@dataclass
+class ModelOutput:
+    segments: list[SegmentMask] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    # An image series on the input grid, in the input's units (e.g. a denoised CT in HU).
+    derived_pixels: np.ndarray | None = None
+    # A per-voxel saliency map in 0..1 on the input grid (e.g. Grad-CAM), shown on key images.
+    saliency: np.ndarray | None = None
+    # Slice indices a radiologist should look at first; the encoder picks some when empty.
+    key_slices: list[int] = field(default_factory=list)
+
+
+class Model(Protocol):
+    manifest: "Manifest"
+
+    def predict(self, volume: "Volume") -> ModelOutput: ...
