@@ -13,3 +13,4 @@ SHARED_DATA = Path(os.environ.get("DICOM_AI_NODE_SHARED_DATA", PROJECT_ROOT.pare
 requires_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data not found at {SHARED_DATA} (../shared/data)"
 )
+from tests.peers import orthanc, orthanc_factory  # noqa: F401,E402  (real Orthanc/dcmtk fixtures)

@@ -1,0 +1,207 @@
+"""dicom-ai-node command line: serve, and look inside (studies, rules, models, resend)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+DEFAULT_CONFIG = "config.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dicom-ai-node", description=__doc__)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: ./config.toml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("serve", help="run the node (DICOM listener, workers, delivery)")
+
+    rules = commands.add_parser("rules", help="routing rules").add_subparsers(dest="action", required=True)
+    check = rules.add_parser("check", help="validate a rule file (TOML with [[rules]])")
+    check.add_argument("file")
+    rules.add_parser("show", help="print the active rule set")
+
+    studies = commands.add_parser("studies", help="what the node received and did").add_subparsers(
+        dest="action", required=True)
+    listing = studies.add_parser("list", help="recent studies")
+    listing.add_argument("--limit", type=int, default=50)
+    show = studies.add_parser("show", help="one study: instances, decisions, jobs, results, deliveries")
+    show.add_argument("study_uid")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+
+    resend = commands.add_parser("resend", help="queue results for delivery again")
+    target = resend.add_mutually_exclusive_group(required=True)
+    target.add_argument("--job", type=int, help="every result of this job")
+    target.add_argument("--study", help="every result of this study")
+    target.add_argument("--failed", action="store_true", help="every failed delivery")
+
+    models = commands.add_parser("models", help="installed models").add_subparsers(dest="action", required=True)
+    models.add_parser("list", help="installed models")
+    model_check = models.add_parser("check", help="validate a model folder or model.toml")
+    model_check.add_argument("path")
+
+    commands.add_parser("db", help="database").add_subparsers(dest="action", required=True).add_parser(
+        "upgrade", help="apply migrations")
+
+    args = parser.parse_args(argv)
+    handler = {"serve": _serve, "rules": _rules, "studies": _studies, "resend": _resend,
+               "models": _models, "db": _db}[args.command]
+    return handler(args)
+
+
+def _config(args):
+    from dicom_ai_node.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _database(args):
+    from dicom_ai_node.db.engine import Database
+
+    database = Database(_config(args).database_url)
+    database.upgrade()
+    return database
+
+
+def _serve(args) -> int:
+    from dicom_ai_node.node import Node, StartupError
+
+    config = _config(args)
+    logging.basicConfig(level=config.node.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    node = Node(config)
+    try:
+        node.start()
+    except (StartupError, OSError) as error:
+        print(f"cannot start: {error}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    logging.getLogger(__name__).info("node ready: %s on port %d", config.node.ae_title, node.scp.port)
+    while not stop.wait(1.0):
+        pass
+    node.stop()
+    return 0
+
+
+def _rules(args) -> int:
+    from dicom_ai_node.routing import RuleError, check_rules, load_rules_file
+
+    if args.action == "show":
+        from dicom_ai_node.db.models import RuleSetVersion
+
+        database = _database(args)
+        with database.session() as session:
+            latest = session.scalars(select(RuleSetVersion).order_by(RuleSetVersion.version.desc())).first()
+        if latest is None:
+            print("no rule set stored yet (the node stores config.toml's rules when it starts)")
+            return 0
+        print(f"# version {latest.version} by {latest.author} at {latest.created_at:%Y-%m-%d %H:%M}")
+        print(latest.text)
+        return 0
+    try:
+        rule_set = load_rules_file(args.file)
+    except RuleError as error:
+        print(error, file=sys.stderr)
+        return 1
+    known_models = known_destinations = None
+    if Path(args.config).is_file():
+        from dicom_ai_node.models import ModelRegistry
+
+        config = _config(args)
+        known_models = ModelRegistry(config.model_paths).names
+        known_destinations = {d.name for d in config.destinations}
+    problems = check_rules(rule_set, known_models, known_destinations)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    print(f"{args.file}: {len(rule_set.rules)} rules, valid")
+    return 0
+
+
+def _studies(args) -> int:
+    from dicom_ai_node import inspect
+
+    database = _database(args)
+    with database.session() as session:
+        if args.action == "list":
+            print(inspect.format_study_list(inspect.list_studies(session, args.limit)))
+            return 0
+        detail = inspect.study_detail(session, args.study_uid)
+    if detail is None:
+        print(f"no study {args.study_uid}", file=sys.stderr)
+        return 1
+    print(json.dumps(detail, indent=2, default=str) if args.json else inspect.format_study(detail))
+    return 0
+
+
+def _resend(args) -> int:
+    from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, utcnow
+
+    database = _database(args)
+    with database.session() as session:
+        query = select(Delivery.id).join(ResultObject, ResultObject.id == Delivery.result_id)
+        if args.job is not None:
+            query = query.where(ResultObject.job_id == args.job)
+        elif args.study:
+            query = query.join(Job, Job.id == ResultObject.job_id).where(Job.study_instance_uid == args.study)
+        else:
+            query = query.where(Delivery.state == "failed")
+        ids = list(session.scalars(query))
+        if ids:
+            session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(
+                state="pending", attempts=0, next_attempt_at=utcnow(), last_error=None))
+            job_ids = select(ResultObject.job_id).join(Delivery, Delivery.result_id == ResultObject.id) \
+                .where(Delivery.id.in_(ids))
+            session.execute(update(Job).where(Job.id.in_(job_ids)).values(
+                state=JobState.delivering, reason=None, finished_at=None))
+    print(f"{len(ids)} deliveries queued again; the running node sends them within a second")
+    return 0 if ids else 1
+
+
+def _models(args) -> int:
+    from model_zoo.manifest import ManifestError, load_manifest
+
+    if args.action == "check":
+        try:
+            manifest = load_manifest(args.path)
+        except ManifestError as error:
+            print(error, file=sys.stderr)
+            return 1
+        print(f"{manifest.path}: {manifest.name} {manifest.version} ({manifest.task}), valid")
+        return 0
+    from dicom_ai_node.models import ModelRegistry
+
+    config_paths = _config(args).model_paths if Path(args.config).is_file() else ()
+    registry = ModelRegistry(config_paths)
+    for name in sorted(registry.manifests):
+        manifest = registry.manifests[name]
+        print(f"{name:24} {manifest.version:10} {manifest.task:15} {', '.join(manifest.input.modality):8} "
+              f"{manifest.folder}")
+    for problem in registry.problems:
+        print(f"NOT INSTALLED: {problem}", file=sys.stderr)
+    return 0
+
+
+def _db(args) -> int:
+    _database(args)
+    print("database schema is current")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""Typed configuration read from config.toml.
+
+Every value is checked at start-up; a wrong config is refused with the file, the key and what
+is wrong (``ConfigError``), so a node never starts half-configured. Relative paths are taken
+relative to the config file's folder. Two environment variables override the file, for
+containers: DICOM_AI_NODE_DATABASE_URL and DICOM_AI_NODE_STORAGE_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    ae_title: str
+    host: str | None = None  # None: any host
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None  # when set, peers must present a certificate signed by it
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str = "AI_NODE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    storage_dir: Path = Path("var/storage")
+    log_level: str = "INFO"
+    log_phi: bool = False  # patient names/IDs stay out of logs unless a site turns this on
+    min_free_disk_mb: int = 200
+    complete_on_release: bool = True  # a study may complete soon after its association ends
+    release_grace_s: float = 1.0
+    allow_any_caller: bool = False
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str | None = None  # default: the node's AE title
+    max_attempts: int = 5
+    backoff_s: float = 2.0  # first retry after this, doubling each time
+    timeout_s: float = 30.0
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    node: NodeConfig
+    database_url: str
+    quiet_period_s: float
+    workers: int
+    executor: str
+    model_paths: tuple[Path, ...]
+    destinations: tuple[DestinationConfig, ...]
+    rules: list = field(default_factory=list)  # raw [[rules]] tables, parsed by dicom_ai_node.routing
+
+    def destination(self, name: str) -> DestinationConfig:
+        for destination in self.destinations:
+            if destination.name == name:
+                return destination
+        raise KeyError(name)
+
+
+class _Reader:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, problem: str):
+        raise ConfigError(f"{self.path}: {key}: {problem}")
+
+    def get(self, table: dict, key: str, where: str, kind, default=..., check=None, problem=""):
+        name = f"{where}.{key}" if where else key
+        if key not in table:
+            if default is ...:
+                self.fail(name, "is required")
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+            self.fail(name, f"must be {_kind_name(kind)}, got {value!r}")
+        if check is not None and not check(value):
+            self.fail(name, f"{problem}, got {value!r}")
+        return value
+
+    def unknown_keys(self, table: dict, allowed: set[str], where: str):
+        extra = sorted(set(table) - allowed)
+        if extra:
+            self.fail(f"{where}.{extra[0]}" if where else extra[0],
+                      f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+    def resolve(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else (self.path.parent / path)
+
+    def tls(self, table: dict, where: str) -> TlsConfig | None:
+        raw = self.get(table, "tls", where, dict, default=None)
+        if raw is None or not raw.get("enabled", True):
+            return None
+        self.unknown_keys(raw, {"enabled", "cert_file", "key_file", "ca_file"}, f"{where}.tls")
+        files = {}
+        for key in ("cert_file", "key_file", "ca_file"):
+            value = self.get(raw, key, f"{where}.tls", str, default=None if key == "ca_file" else ...)
+            if value is not None:
+                files[key] = self.resolve(value)
+                if not files[key].is_file():
+                    self.fail(f"{where}.tls.{key}", f"file not found: {files[key]}")
+        return TlsConfig(**files)
+
+
+def _kind_name(kind) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             dict: "a table", list: "a list"}
+    return names.get(kind, str(kind))
+
+
+def _ae_title_ok(value: str) -> bool:
+    return 0 < len(value.strip()) <= 16 and value.isascii() and "\\" not in value
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path).resolve()
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    read = _Reader(path)
+    read.unknown_keys(tree, {"node", "database", "completion", "workers", "models",
+                             "destinations", "rules"}, "")
+
+    raw = read.get(tree, "node", "", dict, default={})
+    read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
+                            "min_free_disk_mb", "complete_on_release", "release_grace_s",
+                            "allow_any_caller", "allowed_callers", "tls"}, "node")
+    callers = []
+    for i, item in enumerate(read.get(raw, "allowed_callers", "node", list, default=[])):
+        where = f"node.allowed_callers[{i}]"
+        if not isinstance(item, dict):
+            read.fail(where, "must be a table like { ae_title = \"CT01\", host = \"10.0.0.5\" }")
+        read.unknown_keys(item, {"ae_title", "host"}, where)
+        callers.append(AllowedCaller(
+            ae_title=read.get(item, "ae_title", where, str, check=_ae_title_ok,
+                              problem="must be 1..16 ASCII characters"),
+            host=read.get(item, "host", where, str, default=None)))
+    levels = {"DEBUG", "INFO", "WARNING", "ERROR"}
+    node = NodeConfig(
+        ae_title=read.get(raw, "ae_title", "node", str, "AI_NODE", _ae_title_ok,
+                          "must be 1..16 ASCII characters"),
+        host=read.get(raw, "host", "node", str, "127.0.0.1"),
+        port=read.get(raw, "port", "node", int, 11112, lambda p: 0 < p < 65536,
+                      "must be a TCP port 1..65535"),
+        storage_dir=read.resolve(read.get(raw, "storage_dir", "node", str, "var/storage")),
+        log_level=read.get(raw, "log_level", "node", str, "INFO", lambda v: v.upper() in levels,
+                           f"must be one of {sorted(levels)}").upper(),
+        log_phi=read.get(raw, "log_phi", "node", bool, False),
+        min_free_disk_mb=read.get(raw, "min_free_disk_mb", "node", int, 200, lambda v: v >= 0,
+                                  "must be >= 0"),
+        complete_on_release=read.get(raw, "complete_on_release", "node", bool, True),
+        release_grace_s=read.get(raw, "release_grace_s", "node", float, 1.0, lambda v: v >= 0,
+                                 "must be >= 0"),
+        allow_any_caller=read.get(raw, "allow_any_caller", "node", bool, False),
+        allowed_callers=tuple(callers),
+        tls=read.tls(raw, "node"),
+    )
+    if not node.allow_any_caller and not node.allowed_callers:
+        read.fail("node.allowed_callers", "is empty: no scanner could send; list the calling AE "
+                  "titles or set allow_any_caller = true")
+
+    raw = read.get(tree, "database", "", dict, default={})
+    read.unknown_keys(raw, {"url"}, "database")
+    database_url = read.get(raw, "url", "database", str, "sqlite:///var/node.db")
+    if database_url.startswith("sqlite:///") and not database_url.startswith("sqlite:////"):
+        # relative SQLite paths are relative to the config file, like every other path
+        database_url = "sqlite:///" + str(read.resolve(database_url[len("sqlite:///"):]))
+    if not (database_url.startswith("sqlite") or database_url.startswith("postgresql")):
+        read.fail("database.url", f"must be a sqlite:/// or postgresql:// URL, got {database_url!r}")
+
+    raw = read.get(tree, "completion", "", dict, default={})
+    read.unknown_keys(raw, {"quiet_period_s"}, "completion")
+    quiet = read.get(raw, "quiet_period_s", "completion", float, 5.0, lambda v: 0 <= v <= 86400,
+                     "must be between 0 and 86400 seconds")
+
+    raw = read.get(tree, "workers", "", dict, default={})
+    read.unknown_keys(raw, {"count", "executor"}, "workers")
+    workers = read.get(raw, "count", "workers", int, 1, lambda v: 1 <= v <= 64, "must be 1..64")
+    executor = read.get(raw, "executor", "workers", str, "local", lambda v: v in ("local",),
+                        "must be 'local' (the distributed executor is not built yet)")
+
+    raw = read.get(tree, "models", "", dict, default={})
+    read.unknown_keys(raw, {"paths"}, "models")
+    model_paths = []
+    for i, value in enumerate(read.get(raw, "paths", "models", list, default=[])):
+        if not isinstance(value, str):
+            read.fail(f"models.paths[{i}]", f"must be a string, got {value!r}")
+        folder = read.resolve(value)
+        if not folder.is_dir():
+            read.fail(f"models.paths[{i}]", f"folder not found: {folder}")
+        model_paths.append(folder)
+
+    destinations = []
+    for i, item in enumerate(read.get(tree, "destinations", "", list, default=[])):
+        where = f"destinations[{i}]"
+        if not isinstance(item, dict):
+            read.fail(where, "must be a table ([[destinations]])")
+        read.unknown_keys(item, {"name", "ae_title", "host", "port", "calling_ae_title",
+                                 "max_attempts", "backoff_s", "timeout_s", "tls"}, where)
+        destinations.append(DestinationConfig(
+            name=read.get(item, "name", where, str, check=lambda v: v.strip() != "",
+                          problem="must not be empty"),
+            ae_title=read.get(item, "ae_title", where, str, check=_ae_title_ok,
+                              problem="must be 1..16 ASCII characters"),
+            host=read.get(item, "host", where, str),
+            port=read.get(item, "port", where, int, check=lambda p: 0 < p < 65536,
+                          problem="must be a TCP port 1..65535"),
+            calling_ae_title=read.get(item, "calling_ae_title", where, str, None, _ae_title_ok,
+                                      "must be 1..16 ASCII characters"),
+            max_attempts=read.get(item, "max_attempts", where, int, 5, lambda v: v >= 1,
+                                  "must be >= 1"),
+            backoff_s=read.get(item, "backoff_s", where, float, 2.0, lambda v: v >= 0,
+                               "must be >= 0"),
+            timeout_s=read.get(item, "timeout_s", where, float, 30.0, lambda v: v > 0,
+                               "must be > 0"),
+            tls=read.tls(item, where),
+        ))
+    names = [d.name for d in destinations]
+    for name in names:
+        if names.count(name) > 1:
+            read.fail("destinations", f"duplicate destination name {name!r}")
+
+    rules = read.get(tree, "rules", "", list, default=[])
+
+    storage_override = os.environ.get("DICOM_AI_NODE_STORAGE_DIR")
+    if storage_override:
+        node = NodeConfig(**{**node.__dict__, "storage_dir": Path(storage_override)})
+    database_url = os.environ.get("DICOM_AI_NODE_DATABASE_URL", database_url)
+
+    return Config(path=path, node=node, database_url=database_url, quiet_period_s=quiet,
+                  workers=workers, executor=executor, model_paths=tuple(model_paths),
+                  destinations=tuple(destinations), rules=rules)

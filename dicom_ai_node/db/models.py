@@ -1,0 +1,190 @@
+"""What the node knows, as SQL rows. Files hold pixels; rows hold facts and progress.
+
+Every pipeline step commits its output here before the next step is told, so on restart
+each unfinished step resumes from these rows (see dicom_ai_node/jobs/recovery in node.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer,
+                        String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: DateTime(timezone=True), dict: JSON, list: JSON}
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    study_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    # receiving -> complete (routed) ; back to receiving when more instances arrive
+    state: Mapped[str] = mapped_column(String(16), default="receiving")
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    completed_at: Mapped[datetime | None]
+    quiet_period_s: Mapped[float | None] = mapped_column(Float)  # set by a matching rule's override
+
+    series: Mapped[list["Series"]] = relationship(back_populates="study", order_by="Series.series_number")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(ForeignKey("study.study_instance_uid"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    # header of the first instance (keyword -> value), what routing rules are evaluated on
+    attributes: Mapped[dict] = mapped_column(JSON, default=dict)
+    # set on series the node wrote itself, so results are never routed back into a model
+    is_result: Mapped[bool] = mapped_column(default=False)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(ForeignKey("series.series_instance_uid"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    path: Mapped[str] = mapped_column(Text)  # relative to the storage dir
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class RoutingDecision(Base):
+    """One rule evaluated against one study at one completion, with its reasons."""
+
+    __tablename__ = "routing_decision"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(ForeignKey("study.study_instance_uid"), index=True)
+    evaluation: Mapped[int] = mapped_column(Integer)  # 1 for the first completion, 2 after more arrived, ...
+    rule_set_version: Mapped[int] = mapped_column(Integer)
+    rule_name: Mapped[str] = mapped_column(String(128))
+    matched: Mapped[bool]
+    detail: Mapped[dict] = mapped_column(JSON)  # Decision.to_json(): selected series, models, reasons
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    encoding = "encoding"
+    delivering = "delivering"
+    done = "done"
+    failed = "failed"
+    superseded = "superseded"  # more instances arrived; a newer job on the same series replaces it
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.done, JobState.failed, JobState.superseded)
+
+
+class Job(Base):
+    __tablename__ = "job"
+    __table_args__ = (
+        # one job per model per exact set of input instances: re-evaluation never duplicates work
+        UniqueConstraint("series_instance_uid", "model_name", "input_fingerprint", name="uq_job_input"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(ForeignKey("study.study_instance_uid"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(ForeignKey("series.series_instance_uid"), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    rule_name: Mapped[str] = mapped_column(String(128))
+    destinations: Mapped[list] = mapped_column(JSON)
+    input_fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the sorted SOP Instance UIDs
+    input_count: Mapped[int] = mapped_column(Integer)
+    state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16),
+                                            default=JobState.queued, index=True)
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed / was superseded
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)  # step -> seconds
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    results: Mapped[list["ResultObject"]] = relationship(back_populates="job", order_by="ResultObject.id")
+
+
+class ResultObject(Base):
+    """A DICOM object the node wrote (SEG, SR, key image, derived image)."""
+
+    __tablename__ = "result_object"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # seg | sr | key_image | derived
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # relative to the storage dir
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="results")
+    deliveries: Mapped[list["Delivery"]] = relationship(back_populates="result")
+
+
+class Delivery(Base):
+    """Outbox row: one result object to one destination."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (UniqueConstraint("result_id", "destination", name="uq_delivery"),
+                      Index("ix_delivery_due", "state", "next_attempt_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result_object.id"))
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None]
+
+    result: Mapped[ResultObject] = relationship(back_populates="deliveries")
+
+
+class RuleSetVersion(Base):
+    __tablename__ = "rule_set_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)  # the rules as TOML
+    author: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))  # user, "cli", or "node"
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)

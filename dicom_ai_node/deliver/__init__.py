@@ -1,0 +1,1 @@
+"""Delivery of result objects: outbox rows, DIMSE C-STORE SCU, retries with backoff."""

@@ -1,0 +1,305 @@
+"""Read a DICOM series (single-frame files or enhanced multi-frame) into a :class:`Volume`.
+
+Every check that can refuse a series raises :class:`VolumeError` with a sentence a PACS
+administrator can act on; it is shown on the failed job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import iter_pixels
+from pydicom.valuerep import PersonName
+
+from dicom_ai_node.imaging.volume import SourceFrame, Volume, VolumeError
+
+ORIENTATION_TOLERANCE = 1e-3  # difference between direction cosines still counted as "same"
+MIN_SPACING_TOLERANCE_MM = 0.01
+RELATIVE_SPACING_TOLERANCE = 0.01  # 1 % of the slice spacing
+
+
+@dataclass
+class _Frame:
+    """One 2D image of the series, before sorting."""
+
+    path: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame_number: int | None  # 1-based for multi-frame files
+    position: np.ndarray
+    orientation: np.ndarray  # the six ImageOrientationPatient values
+    pixel_spacing: tuple[float, float]
+    slope: float
+    intercept: float
+    rows: int
+    columns: int
+
+
+def read_header(path: str | Path) -> Dataset:
+    """The dataset of ``path`` without its pixel data; VolumeError if it is not DICOM."""
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError) as error:
+        raise VolumeError(f"{Path(path).name} could not be read as a DICOM file: {error}") from None
+
+
+def load_series(paths: list[str | Path]) -> Volume:
+    """Assemble the files of one series into a Volume sorted along the slice normal."""
+    if not paths:
+        raise VolumeError("The series has no files.")
+    headers = [read_header(path) for path in paths]
+    _check_one_series(headers, paths)
+    frames = [frame for path, header in zip(paths, headers) for frame in _frames_of(header, str(path))]
+    if len(frames) < 2:
+        raise VolumeError(f"The series has {len(frames)} image; at least 2 slices are needed to build a volume.")
+
+    row_direction, column_direction = _common_orientation(frames)
+    normal = np.cross(row_direction, column_direction)
+    frames.sort(key=lambda frame: float(frame.position @ normal))
+    slice_spacing = _uniform_slice_spacing(frames, normal)
+    rows, columns = _common_size(frames)
+    pixel_spacing = _common_pixel_spacing(frames)
+
+    pixels = np.empty((len(frames), rows, columns), dtype=np.float32)
+    _read_pixels(frames, pixels)
+
+    first = headers[0]
+    return Volume(
+        pixels=pixels,
+        origin=frames[0].position.copy(),
+        row_direction=row_direction,
+        column_direction=column_direction,
+        slice_direction=normal,
+        spacing=(slice_spacing, pixel_spacing[0], pixel_spacing[1]),
+        source_frames=[SourceFrame(f.sop_instance_uid, f.sop_class_uid, f.path, f.frame_number) for f in frames],
+        modality=str(first.get("Modality", "")),
+        attributes=_series_attributes(headers),
+    )
+
+
+# --- headers -> frames ---------------------------------------------------------------------
+
+
+def _check_one_series(headers: list[Dataset], paths) -> None:
+    series = {str(h.get("SeriesInstanceUID", "")) for h in headers}
+    if len(series) > 1:
+        raise VolumeError(f"The files belong to {len(series)} different series; a job must hold exactly one.")
+    for header, path in zip(headers, paths):
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            if not str(header.get(keyword, "")).strip():
+                raise VolumeError(
+                    f"{Path(path).name} has an empty {keyword}; results could not reference it. "
+                    "Fix the sending system or the archive copy of this series."
+                )
+        if int(header.get("SamplesPerPixel", 1)) != 1:
+            raise VolumeError(
+                f"{Path(path).name} is a colour image (SamplesPerPixel={header.SamplesPerPixel}); "
+                "only grayscale series can be processed."
+            )
+        if "Rows" not in header or "Columns" not in header:
+            raise VolumeError(f"{Path(path).name} is not an image (it has no Rows/Columns).")
+
+
+def _frames_of(header: Dataset, path: str) -> list[_Frame]:
+    frame_count = int(header.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in header:
+        return [_enhanced_frame(header, path, index) for index in range(frame_count)]
+    if frame_count > 1:
+        raise VolumeError(
+            f"{Path(path).name} holds {frame_count} frames without per-frame geometry "
+            "(no PerFrameFunctionalGroupsSequence); it cannot be placed in the patient."
+        )
+    return [_Frame(
+        path=path,
+        sop_instance_uid=str(header.SOPInstanceUID),
+        sop_class_uid=str(header.SOPClassUID),
+        frame_number=None,
+        position=_vector(header, "ImagePositionPatient", 3, path),
+        orientation=_vector(header, "ImageOrientationPatient", 6, path),
+        pixel_spacing=tuple(_vector(header, "PixelSpacing", 2, path)),
+        slope=float(header.get("RescaleSlope", 1) or 1),
+        intercept=float(header.get("RescaleIntercept", 0) or 0),
+        rows=int(header.Rows),
+        columns=int(header.Columns),
+    )]
+
+
+def _enhanced_frame(header: Dataset, path: str, index: int) -> _Frame:
+    where = f"{path} frame {index + 1}"
+    per_frame = header.PerFrameFunctionalGroupsSequence[index]
+    shared = header.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in header else Dataset()
+
+    def group(keyword: str) -> Dataset:
+        """A functional group macro item, per-frame taking precedence over shared."""
+        for source in (per_frame, shared):
+            if keyword in source and len(source[keyword].value) > 0:
+                return source[keyword].value[0]
+        return Dataset()
+
+    transform = group("PixelValueTransformationSequence")
+    return _Frame(
+        path=path,
+        sop_instance_uid=str(header.SOPInstanceUID),
+        sop_class_uid=str(header.SOPClassUID),
+        frame_number=index + 1,
+        position=_vector(group("PlanePositionSequence"), "ImagePositionPatient", 3, where),
+        orientation=_vector(group("PlaneOrientationSequence"), "ImageOrientationPatient", 6, where),
+        pixel_spacing=tuple(_vector(group("PixelMeasuresSequence"), "PixelSpacing", 2, where)),
+        slope=float(transform.get("RescaleSlope", 1) or 1),
+        intercept=float(transform.get("RescaleIntercept", 0) or 0),
+        rows=int(header.Rows),
+        columns=int(header.Columns),
+    )
+
+
+def _vector(dataset: Dataset, keyword: str, length: int, where: str) -> np.ndarray:
+    value = dataset.get(keyword)
+    if value is None or value == "" or len(value) != length:
+        raise VolumeError(
+            f"{Path(where).name} has no valid {keyword}; the image cannot be placed in the patient."
+        )
+    return np.array([float(v) for v in value], dtype=np.float64)
+
+
+# --- geometry checks ----------------------------------------------------------------------
+
+
+def _common_orientation(frames: list[_Frame]) -> tuple[np.ndarray, np.ndarray]:
+    first = frames[0].orientation
+    for frame in frames[1:]:
+        if np.max(np.abs(frame.orientation - first)) > ORIENTATION_TOLERANCE:
+            raise VolumeError(
+                "The series mixes image orientations (e.g. axial and coronal images, or a "
+                f"localizer): {_describe(frames[0])} vs {_describe(frame)}. Send one orientation per series."
+            )
+    row, column = first[:3], first[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(column) - 1) > 0.01 or abs(row @ column) > 0.01:
+        raise VolumeError(f"ImageOrientationPatient {list(first)} is not two orthogonal unit vectors.")
+    row = row / np.linalg.norm(row)
+    column = column / np.linalg.norm(column)
+    return row, column
+
+
+def _uniform_slice_spacing(frames: list[_Frame], normal: np.ndarray) -> float:
+    """The distance between neighbouring slices; refuse duplicates, gaps and tilted stacks."""
+    along = np.array([frame.position @ normal for frame in frames])
+    steps = np.diff(along)
+    duplicate = int(np.argmin(steps))
+    if steps[duplicate] < MIN_SPACING_TOLERANCE_MM:
+        raise VolumeError(
+            f"Two images share the same position ({_describe(frames[duplicate])} and "
+            f"{_describe(frames[duplicate + 1])}). The series probably holds several phases, "
+            "echoes or repeated acquisitions; send a single 3D volume."
+        )
+    spacing = float(np.median(steps))
+    tolerance = max(MIN_SPACING_TOLERANCE_MM, RELATIVE_SPACING_TOLERANCE * spacing)
+    worst = int(np.argmax(np.abs(steps - spacing)))
+    if abs(steps[worst] - spacing) > tolerance:
+        raise VolumeError(
+            f"Slices are not evenly spaced: {steps[worst]:.3f} mm between {_describe(frames[worst])} and "
+            f"{_describe(frames[worst + 1])}, but {spacing:.3f} mm elsewhere (missing slices or a gap)."
+        )
+    # Positions must lie on a line along the normal; a sheared stack (gantry tilt) does not.
+    offsets = np.array([frame.position - frame.position @ normal * normal for frame in frames])
+    drift = float(np.max(np.linalg.norm(offsets - offsets[0], axis=1)))
+    if drift > tolerance:
+        raise VolumeError(
+            f"Slice positions drift {drift:.2f} mm sideways across the series (gantry tilt or "
+            "sheared stack); such a series cannot be treated as a regular volume."
+        )
+    return spacing
+
+
+def _common_size(frames: list[_Frame]) -> tuple[int, int]:
+    sizes = {(frame.rows, frame.columns) for frame in frames}
+    if len(sizes) > 1:
+        raise VolumeError(f"Images in the series have different sizes (rows x columns): {sorted(sizes)}.")
+    return sizes.pop()
+
+
+def _common_pixel_spacing(frames: list[_Frame]) -> tuple[float, float]:
+    first = frames[0].pixel_spacing
+    for frame in frames[1:]:
+        if max(abs(a - b) for a, b in zip(frame.pixel_spacing, first)) > MIN_SPACING_TOLERANCE_MM:
+            raise VolumeError(
+                f"Images in the series have different PixelSpacing: {list(first)} vs "
+                f"{list(frame.pixel_spacing)} ({_describe(frame)})."
+            )
+    if min(first) <= 0:
+        raise VolumeError(f"PixelSpacing {list(first)} is not positive.")
+    return float(first[0]), float(first[1])
+
+
+def _describe(frame: _Frame) -> str:
+    name = Path(frame.path).name
+    return f"{name} frame {frame.frame_number}" if frame.frame_number else name
+
+
+# --- pixels -------------------------------------------------------------------------------
+
+
+def _read_pixels(frames: list[_Frame], out: np.ndarray) -> None:
+    """Decode every frame into its slot of ``out`` with rescale applied (one file open per file)."""
+    slot_of = {(f.path, f.frame_number or 1): index for index, f in enumerate(frames)}
+    for path in dict.fromkeys(frame.path for frame in frames):
+        try:
+            for number, stored in enumerate(iter_pixels(path), start=1):
+                index = slot_of.get((path, number))
+                if index is None:
+                    continue
+                if stored.shape != out.shape[1:]:
+                    raise VolumeError(
+                        f"{_describe(frames[index])}: decoded pixels have shape {stored.shape}, "
+                        f"expected {out.shape[1:]} (colour or corrupt image)."
+                    )
+                frame = frames[index]
+                np.multiply(stored, frame.slope, out=out[index], casting="unsafe")
+                out[index] += frame.intercept
+        except VolumeError:
+            raise
+        except Exception as error:  # decoders raise many types; all mean "cannot decode"
+            syntax = _transfer_syntax_name(path)
+            raise VolumeError(
+                f"The pixel data of {Path(path).name} ({syntax}) could not be decoded: {error}. "
+                "Ask the sender to use an uncompressed or standard JPEG/JPEG 2000/RLE transfer syntax."
+            ) from None
+
+
+def _transfer_syntax_name(path: str) -> str:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name
+    except Exception:
+        return "unknown transfer syntax"
+
+
+# --- series-level attributes --------------------------------------------------------------
+
+_PER_IMAGE = {"SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation",
+              "AcquisitionTime", "ContentTime", "InstanceCreationTime"}
+
+
+def _series_attributes(headers: list[Dataset]) -> dict:
+    """Top-level public, non-sequence values that every file of the series shares."""
+    attributes = {}
+    for element in headers[0]:
+        keyword = element.keyword
+        if not keyword or element.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "UN") or keyword in _PER_IMAGE:
+            continue
+        value = _plain(element.value)
+        if all(_plain(header.get(keyword)) == value for header in headers[1:]):
+            attributes[keyword] = value
+    return attributes
+
+
+def _plain(value):
+    if isinstance(value, MultiValue):
+        return [_plain(v) for v in value]
+    if isinstance(value, PersonName):
+        return str(value)
+    return value

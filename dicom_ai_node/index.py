@@ -1,0 +1,143 @@
+"""Recording received instances in the index (study -> series -> instance rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from dicom_ai_node.db.models import Instance, Series, Study, utcnow
+
+# Binary and nested values are useless for routing and can be huge.
+_SKIPPED_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"}
+_MAX_TEXT = 256
+
+
+def header_attributes(dataset: Dataset) -> dict[str, object]:
+    """Top-level header values as JSON (keyword -> str | int | float | list): what rules test."""
+    attributes: dict[str, object] = {}
+    for element in dataset:
+        if element.VR in _SKIPPED_VRS or element.tag.is_private or element.tag.group == 0x0002:
+            continue
+        keyword = element.keyword or f"{element.tag.group:04X},{element.tag.element:04X}"
+        try:
+            value = _json_value(element.value)
+        except Exception:  # a malformed value must not stop the instance from being indexed
+            continue
+        if value is not None:
+            attributes[keyword] = value
+    return attributes
+
+
+def _json_value(value):
+    if value is None or value == "":
+        return None
+    if isinstance(value, (MultiValue, list, tuple)):
+        items = [_json_value(item) for item in value]
+        return [item for item in items if item is not None]
+    if isinstance(value, PersonName):
+        return str(value)[:_MAX_TEXT]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, bytes):
+        return None
+    return str(value)[:_MAX_TEXT]
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    calling_ae_title: str | None
+    header: Dataset  # without pixel data
+    is_result: bool = False
+
+
+def _insert_ignore(session: Session, model, values: dict):
+    """INSERT that does nothing when the primary key exists (concurrent receivers race here)."""
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    session.execute(insert(model).values(**values).on_conflict_do_nothing())
+
+
+def record_instance(session: Session, item: ReceivedInstance, now: datetime | None = None) -> bool:
+    """Index one stored instance; returns True when it is new (False for a resend)."""
+    now = now or utcnow()
+    header = item.header
+    _insert_ignore(session, Study, dict(
+        study_instance_uid=item.study_uid,
+        patient_id=_text(header, "PatientID", 64),
+        patient_name=_text(header, "PatientName", 324),
+        study_date=_text(header, "StudyDate", 8),
+        accession_number=_text(header, "AccessionNumber", 16),
+        study_description=_text(header, "StudyDescription", 64),
+        state="receiving", first_received_at=now, last_received_at=now,
+    ))
+    _insert_ignore(session, Series, dict(
+        series_instance_uid=item.series_uid,
+        study_instance_uid=item.study_uid,
+        modality=_text(header, "Modality", 16),
+        series_number=_int(header, "SeriesNumber"),
+        series_description=_text(header, "SeriesDescription", 64),
+        attributes=header_attributes(header),
+        is_result=item.is_result,
+    ))
+    existing = session.get(Instance, item.sop_uid)
+    if existing is not None:
+        # A resend of the same SOP Instance: the file was replaced atomically; keep one row.
+        existing.path, existing.size_bytes = item.path, item.size_bytes
+        existing.transfer_syntax_uid = item.transfer_syntax_uid
+        existing.received_at = now
+        is_new = False
+    else:
+        session.add(Instance(
+            sop_instance_uid=item.sop_uid, series_instance_uid=item.series_uid,
+            sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax_uid,
+            instance_number=_int(header, "InstanceNumber"),
+            number_of_frames=_int(header, "NumberOfFrames") or 1,
+            path=item.path, size_bytes=item.size_bytes, calling_ae_title=item.calling_ae_title,
+            received_at=now,
+        ))
+        is_new = True
+    if not item.is_result:
+        study = session.get(Study, item.study_uid)
+        study.last_received_at = now
+        if is_new and study.state != "receiving":
+            study.state = "receiving"  # more arrived after completion: evaluate again
+    return is_new
+
+
+def _text(dataset: Dataset, keyword: str, limit: int) -> str | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value)[:limit]
+
+
+def _int(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def series_sop_uids(session: Session, series_uid: str) -> list[str]:
+    return list(session.scalars(select(Instance.sop_instance_uid)
+                                .where(Instance.series_instance_uid == series_uid)))

@@ -1,0 +1,42 @@
+"""Model output -> DICOM result objects, one encoder per kind (see dicom_ai_node/results)."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from dicom_ai_node.imaging.volume import Volume
+from dicom_ai_node.results.key_images import build_key_images
+from dicom_ai_node.results.seg import build_segmentation
+from dicom_ai_node.results.sr import build_measurement_report
+from model_zoo.base import ModelOutput
+from model_zoo.manifest import Manifest
+
+# Result series numbers: high, so results sort after the acquired series in a viewer.
+SERIES_NUMBER = {"seg": 9001, "sr": 9002, "key_image": 9003, "derived": 9004}
+
+
+def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
+                   manifest: Manifest, uid_seed: str) -> list[tuple[str, Dataset]]:
+    """All result objects of one job as (kind, dataset); UIDs derive from ``uid_seed``, so
+    encoding the same job again (after a crash) gives the same objects."""
+    results: list[tuple[str, Dataset]] = []
+    segmentation = None
+    if output.segments:
+        segmentation = build_segmentation(sources, volume, output, manifest, uid_seed,
+                                          SERIES_NUMBER["seg"])
+        results.append(("seg", segmentation))
+    if output.derived_pixels is not None:
+        from dicom_ai_node.results.derived import build_derived_series
+
+        for image in build_derived_series(sources, volume, output, manifest, uid_seed,
+                                          SERIES_NUMBER["derived"]):
+            results.append(("derived", image))
+    if output.segments or output.measurements or output.findings:
+        report = build_measurement_report(sources, volume, output, manifest, uid_seed,
+                                          SERIES_NUMBER["sr"], segmentation=segmentation)
+        results.append(("sr", report))
+    if output.segments or output.saliency is not None:
+        for image in build_key_images(sources, volume, output, manifest, uid_seed,
+                                      SERIES_NUMBER["key_image"]):
+            results.append(("key_image", image))
+    return results

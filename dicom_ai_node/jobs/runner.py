@@ -1,0 +1,170 @@
+"""Running one job: load the series, check it fits the model, predict, encode, queue delivery.
+
+Each step commits before the next starts. The expensive middle (volume, prediction) is not
+persisted: a job interrupted in `running` or `encoding` runs again from its input instances,
+and because result UIDs derive from the job, the second run writes the very same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from pydicom import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from sqlalchemy import select
+
+from dicom_ai_node.db.engine import Database
+from dicom_ai_node.db.models import Delivery, Instance, Job, JobState, ResultObject, utcnow
+from dicom_ai_node.imaging.load import load_series, read_header
+from dicom_ai_node.imaging.volume import VolumeError
+from dicom_ai_node.jobs.encode import encode_results
+from dicom_ai_node.router import input_fingerprint
+from dicom_ai_node.storage import Storage
+from dicom_ai_node.models import ModelRegistry
+from model_zoo.registry import check_input
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # a series that crashed the node this often is not tried again
+
+
+class JobFailed(Exception):
+    """The job cannot succeed; the message is the reason shown to admins."""
+
+
+class JobRunner:
+    def __init__(self, database: Database, storage: Storage, models: ModelRegistry,
+                 on_results: Callable[[], None] = lambda: None):
+        self.database = database
+        self.storage = storage
+        self.models = models
+        self.on_results = on_results  # tells the outbox there is something to send
+
+    def run(self, job_id: int) -> None:
+        claimed = self._claim(job_id)
+        if claimed is None:
+            return
+        job, paths = claimed
+        timings: dict[str, float] = {}
+        try:
+            self._execute(job, paths, timings)
+        except JobFailed as failure:
+            self._finish(job_id, JobState.failed, str(failure), timings)
+            log.warning("job %d (%s) failed: %s", job_id, job.model_name, failure)
+        except Exception as error:
+            log.exception("job %d (%s) failed unexpectedly", job_id, job.model_name)
+            self._finish(job_id, JobState.failed, f"internal error: {type(error).__name__}: {error}",
+                         timings)
+
+    def _claim(self, job_id: int):
+        with self.database.session() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state not in (JobState.queued, JobState.running, JobState.encoding):
+                return None
+            if job.attempts >= MAX_ATTEMPTS:
+                job.state, job.finished_at = JobState.failed, utcnow()
+                job.reason = f"gave up after {job.attempts} interrupted attempts (the node stopped while running it)"
+                return None
+            instances = session.scalars(select(Instance).where(
+                Instance.series_instance_uid == job.series_instance_uid)).all()
+            if input_fingerprint([i.sop_instance_uid for i in instances]) != job.input_fingerprint:
+                job.state, job.finished_at = JobState.superseded, utcnow()
+                job.reason = "the series changed before the job started; it is evaluated again"
+                return None
+            job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, utcnow()
+            paths = [self.storage.absolute(i.path) for i in instances]
+            session.expunge(job)
+        return job, paths
+
+    def _execute(self, job: Job, paths, timings: dict[str, float]) -> None:
+        manifest = self.models.manifest(job.model_name)
+        if manifest is None:
+            raise JobFailed(f"model {job.model_name!r} is not installed or is disabled")
+
+        started = time.perf_counter()
+        try:
+            volume = load_series(paths)
+        except VolumeError as error:
+            raise JobFailed(f"series cannot be used as a volume: {error}") from None
+        timings["load_s"] = _since(started)
+        reasons = check_input(manifest, volume.attributes, volume.shape[0], volume.spacing)
+        if reasons:
+            raise JobFailed(f"series does not fit model {manifest.name}: " + "; ".join(reasons))
+
+        started = time.perf_counter()
+        model = self.models.load(manifest)
+        output = model.predict(volume)
+        timings["inference_s"] = _since(started)
+
+        self._set_state(job.id, JobState.encoding)
+        started = time.perf_counter()
+        sources = [read_header(path) for path in dict.fromkeys(f.path for f in volume.source_frames)]
+        uid_seed = f"dicom-ai-node job {job.id} {job.input_fingerprint} {manifest.name} {manifest.version}"
+        objects = encode_results(sources, volume, output, manifest, uid_seed)
+        written = []
+        for kind, dataset in objects:
+            path = self.storage.result_path(job.id, dataset.SOPInstanceUID)
+            self.storage.write_atomic(path, _encode(dataset))
+            written.append((kind, dataset, path))
+        timings["encode_s"] = _since(started)
+
+        with self.database.session() as session:
+            stored = session.get(Job, job.id)
+            if stored.state != JobState.encoding:
+                log.info("job %d was %s while running; its results are dropped", job.id, stored.state.value)
+                return
+            for kind, dataset, path in written:
+                result = ResultObject(job_id=job.id, kind=kind, sop_instance_uid=dataset.SOPInstanceUID,
+                                      sop_class_uid=dataset.SOPClassUID,
+                                      series_instance_uid=dataset.SeriesInstanceUID, path=path)
+                session.add(result)
+                for destination in stored.destinations:
+                    result.deliveries.append(Delivery(destination=destination))
+            stored.model_version = manifest.version
+            stored.timings = {**timings, "delivery_started_at": utcnow().isoformat()}
+            if stored.destinations:
+                stored.state = JobState.delivering
+            else:
+                stored.state, stored.finished_at = JobState.done, utcnow()
+        log.info("job %d (%s): %d result objects, load %.1fs, inference %.1fs, encode %.1fs",
+                 job.id, manifest.name, len(written), timings["load_s"], timings["inference_s"],
+                 timings["encode_s"])
+        self.on_results()
+
+    def _set_state(self, job_id: int, state: JobState) -> None:
+        with self.database.session() as session:
+            job = session.get(Job, job_id)
+            if job.state == JobState.running:
+                job.state = state
+
+    def _finish(self, job_id: int, state: JobState, reason: str, timings: dict) -> None:
+        with self.database.session() as session:
+            job = session.get(Job, job_id)
+            if job.state.finished:
+                return
+            job.state, job.reason, job.finished_at = state, reason, utcnow()
+            job.timings = {**job.timings, **timings}
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
+
+
+def _encode(dataset) -> bytes:
+    buffer = DicomBytesIO()
+    dcmwrite(buffer, dataset, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def recover_unfinished(database: Database) -> list[int]:
+    """After a restart: jobs caught mid-run go back to the queue; returns the jobs to submit."""
+    with database.session() as session:
+        jobs = session.scalars(select(Job).where(Job.state.in_(
+            [JobState.queued, JobState.running, JobState.encoding])).order_by(Job.id)).all()
+        for job in jobs:
+            if job.state != JobState.queued:
+                log.info("job %d was %s when the node stopped; running it again", job.id, job.state.value)
+                job.state = JobState.queued
+        return [job.id for job in jobs]

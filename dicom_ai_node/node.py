@@ -1,0 +1,87 @@
+"""The node: wires receive -> completion -> routing -> jobs -> delivery around one database.
+
+Start order matters for "nothing is lost": the schema is migrated, interrupted jobs are
+re-queued and completion timers re-armed *before* the DICOM port opens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicom_ai_node.completion import CompletionTimers
+from dicom_ai_node.config import Config
+from dicom_ai_node.db.engine import Database
+from dicom_ai_node.deliver.outbox import Outbox
+from dicom_ai_node.jobs.executor import LocalExecutor
+from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
+from dicom_ai_node.models import ModelRegistry
+from dicom_ai_node.receive.scp import StorageSCP
+from dicom_ai_node.router import Router, RuleStore
+from dicom_ai_node.routing import RuleError, check_rules
+from dicom_ai_node.storage import Storage
+
+log = logging.getLogger(__name__)
+
+OUTBOX_INTERVAL_S = 1.0
+
+
+class StartupError(RuntimeError):
+    """The node refuses to start; the message says what to fix."""
+
+
+class Node:
+    def __init__(self, config: Config):
+        self.config = config
+        self.database = Database(config.database_url)
+        self.storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
+        self.models = ModelRegistry(config.model_paths)
+        self.rules = RuleStore(self.database)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.outbox = Outbox(config, self.database, self.storage)
+        self.runner = JobRunner(self.database, self.storage, self.models,
+                                on_results=self._kick_outbox)
+        self.executor = LocalExecutor(self.runner.run, config.workers)
+        self.router = Router(self.database, self.rules, config.quiet_period_s, self.executor.submit)
+        self.completion = CompletionTimers(self.scheduler, self.database, config.quiet_period_s,
+                                           config.node.release_grace_s, self.router.quiet_enough,
+                                           self.router.route)
+        on_release = self.completion.association_released if config.node.complete_on_release else None
+        self.scp = StorageSCP(config.node, self.database, self.storage,
+                              on_instance=self.completion.instance_stored, on_release=on_release)
+
+    def start(self) -> None:
+        self.database.upgrade()
+        self._load_rules()
+        self.scheduler.start()
+        self.scheduler.add_job(self.outbox.process_due, "interval", seconds=OUTBOX_INTERVAL_S,
+                               id="outbox", max_instances=1, coalesce=True)
+        for job_id in recover_unfinished(self.database):
+            self.executor.submit(job_id)
+        self.completion.resume()
+        self.scp.start()
+
+    def _load_rules(self) -> None:
+        try:
+            self.rules.seed_from_config(self.config.rules)
+            with self.database.session() as session:
+                version, rule_set = self.rules.active(session)
+        except RuleError as error:
+            raise StartupError(f"{self.config.path}: [[rules]]: {error}") from None
+        problems = check_rules(rule_set, self.models.names,
+                               {d.name for d in self.config.destinations})
+        if problems:
+            raise StartupError(f"rule set version {version} refers to things this node lacks:\n  "
+                               + "\n  ".join(problems))
+        log.info("rule set version %d active: %d rules", version, len(rule_set.rules))
+
+    def _kick_outbox(self) -> None:
+        # send results now instead of waiting for the next outbox tick
+        self.scheduler.add_job(self.outbox.process_due, misfire_grace_time=None)
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.scheduler.shutdown(wait=False)
+        self.executor.shutdown()
+        self.database.dispose()

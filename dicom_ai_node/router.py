@@ -1,0 +1,152 @@
+"""From a complete study to jobs: evaluate the active rule set, store every decision with
+its reasons, and create one job per (series, model) for the exact set of input instances.
+
+Idempotent by construction: a job is unique on (series, model, fingerprint of its SOP
+Instance UIDs), so a study evaluated twice with the same instances gets no second job.
+When more instances arrived, the older unfinished job on that series and model is marked
+superseded and a new one is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import tomllib
+from collections.abc import Callable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from dicom_ai_node.db.engine import Database
+from dicom_ai_node.db.models import (Instance, Job, JobState, RoutingDecision, RuleSetVersion,
+                                     Series, Study, utcnow)
+from dicom_ai_node.routing import RuleSet, SeriesFacts, evaluate, parse_rules, plan, rules_to_toml
+
+log = logging.getLogger(__name__)
+
+
+def input_fingerprint(sop_uids: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+class RuleStore:
+    """The versioned rule set in the database; the newest version is the active one."""
+
+    def __init__(self, database: Database):
+        self.database = database
+        self._cached: tuple[int, RuleSet] | None = None
+        self._lock = threading.Lock()
+
+    def seed_from_config(self, raw_rules: list) -> int:
+        """Store the config file's rules as a new version when they differ from the last
+        version that came from the config (admins' edits in between are kept as history)."""
+        text = rules_to_toml(parse_rules({"rules": raw_rules}, source="config.toml [[rules]]"))
+        with self.database.session() as session:
+            last_from_config = session.scalars(
+                select(RuleSetVersion).where(RuleSetVersion.author == "config")
+                .order_by(RuleSetVersion.version.desc()).limit(1)).first()
+            if last_from_config is not None and last_from_config.text == text:
+                return self.active_version(session)
+            return self.save(session, text, author="config", comment="rules from config.toml")
+
+    def save(self, session: Session, text: str, author: str, comment: str | None = None) -> int:
+        parse_rules(tomllib.loads(text), source="rule set")  # never store an invalid version
+        version = (session.scalar(select(func.max(RuleSetVersion.version))) or 0) + 1
+        session.add(RuleSetVersion(version=version, text=text, author=author, comment=comment))
+        session.flush()
+        return version
+
+    def active_version(self, session: Session) -> int:
+        return session.scalar(select(func.max(RuleSetVersion.version))) or 0
+
+    def active(self, session: Session) -> tuple[int, RuleSet]:
+        """The newest rule set, parsed once per version (edits apply without a restart)."""
+        version = self.active_version(session)
+        with self._lock:
+            if self._cached is None or self._cached[0] != version:
+                text = session.get(RuleSetVersion, version).text if version else ""
+                self._cached = (version, parse_rules(tomllib.loads(text) if text else {"rules": []},
+                                                     source=f"rule set version {version}"))
+            return self._cached
+
+
+def series_facts(session: Session, study_uid: str) -> list[SeriesFacts]:
+    rows = session.execute(
+        select(Series, func.count(Instance.sop_instance_uid), func.sum(Instance.number_of_frames))
+        .join(Instance, Instance.series_instance_uid == Series.series_instance_uid)
+        .where(Series.study_instance_uid == study_uid, Series.is_result.is_(False))
+        .group_by(Series.series_instance_uid)).all()
+    facts = []
+    for series, count, frames in rows:
+        # one multi-frame instance counts as its frames, so slice-count selectors work on it
+        facts.append(SeriesFacts(series.series_instance_uid, dict(series.attributes),
+                                 int(frames) if count == 1 else int(count)))
+    return facts
+
+
+class Router:
+    def __init__(self, database: Database, rules: RuleStore, default_quiet_s: float,
+                 submit: Callable[[int], None]):
+        self.database = database
+        self.rules = rules
+        self.default_quiet_s = default_quiet_s
+        self.submit = submit
+        self._lock = threading.Lock()  # one routing at a time: completions may race
+
+    def quiet_enough(self, study_uid: str, quiet_s: float) -> bool:
+        """Rules may ask for a longer quiet period than the default (e.g. slow MR sequences)."""
+        with self.database.session() as session:
+            _version, rule_set = self.rules.active(session)
+            decisions = evaluate(rule_set, series_facts(session, study_uid))
+        wanted = [d.quiet_period_s for d in decisions if d.matched and d.quiet_period_s is not None]
+        needed = max(wanted) if wanted else self.default_quiet_s
+        return quiet_s >= needed
+
+    def route(self, study_uid: str) -> list[int]:
+        """Evaluate the rules for a complete study; returns the ids of new jobs."""
+        with self._lock, self.database.session() as session:
+            claimed = session.execute(update(Study).where(Study.study_instance_uid == study_uid,
+                                                          Study.state == "receiving")
+                                      .values(state="complete", completed_at=utcnow()))
+            if claimed.rowcount == 0:
+                return []  # another timer completed it already
+            version, rule_set = self.rules.active(session)
+            facts = series_facts(session, study_uid)
+            decisions = evaluate(rule_set, facts)
+            evaluation = (session.scalar(select(func.max(RoutingDecision.evaluation))
+                                         .where(RoutingDecision.study_instance_uid == study_uid)) or 0) + 1
+            for decision in decisions:
+                session.add(RoutingDecision(study_instance_uid=study_uid, evaluation=evaluation,
+                                            rule_set_version=version, rule_name=decision.rule_name,
+                                            matched=decision.matched, detail=decision.to_json()))
+            new_jobs = [job for item in plan(decisions)
+                        if (job := self._job_for(session, study_uid, *item)) is not None]
+            session.flush()
+            job_ids = [job.id for job in new_jobs]
+        matched = [d.rule_name for d in decisions if d.matched]
+        log.info("study complete: %d series, rules matched %s, %d new jobs",
+                 len(facts), matched or "none", len(job_ids))
+        for job_id in job_ids:
+            self.submit(job_id)
+        return job_ids
+
+    def _job_for(self, session: Session, study_uid: str, series_uid: str, model: str,
+                 destinations: list[str], rule_name: str) -> Job | None:
+        sop_uids = list(session.scalars(select(Instance.sop_instance_uid)
+                                        .where(Instance.series_instance_uid == series_uid)))
+        fingerprint = input_fingerprint(sop_uids)
+        existing = session.scalars(select(Job).where(Job.series_instance_uid == series_uid,
+                                                     Job.model_name == model)).all()
+        if any(job.input_fingerprint == fingerprint for job in existing):
+            return None  # same instances, same model: already done or in progress
+        for job in existing:
+            if not job.state.finished:
+                job.state = JobState.superseded
+                job.reason = f"more instances arrived ({len(sop_uids)} now); replaced by a newer job"
+                job.finished_at = utcnow()
+        job = Job(study_instance_uid=study_uid, series_instance_uid=series_uid, model_name=model,
+                  rule_name=rule_name, destinations=list(destinations),
+                  input_fingerprint=fingerprint, input_count=len(sop_uids), state=JobState.queued)
+        session.add(job)
+        return job

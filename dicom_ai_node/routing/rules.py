@@ -1,0 +1,222 @@
+"""Routing rules: the model, and parsing from TOML data with every problem reported at once."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .conditions import Condition, parse_condition
+from .facts import describe_value
+from .selector import ORIENTATIONS, PICKS, SeriesSelector
+
+RULE_KEYS = ("name", "priority", "enabled", "models", "destinations", "quiet_period_s", "when", "series")
+REQUIRED_RULE_KEYS = ("name", "priority", "models", "destinations", "when")
+SELECTOR_KEYS = ("orientation", "min_slices", "pick")
+MAX_NAME_LENGTH = 128  # routing_decision.rule_name and job.rule_name are String(128)
+
+
+class RuleError(Exception):
+    """Rules that cannot be used; `problems` lists every one, each "source: path: message"."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class Rule:
+    name: str
+    priority: int
+    models: list[str]
+    destinations: list[str]
+    when: Condition
+    enabled: bool = True
+    quiet_period_s: float | None = None  # overrides the global completion quiet period for matched studies
+    series: SeriesSelector = field(default_factory=SeriesSelector)
+
+
+@dataclass
+class RuleSet:
+    rules: list[Rule]  # in file order (problems and check_rules refer to rules[i])
+    source: str = field(default="<rules>", compare=False)
+
+    def in_priority_order(self) -> list[Rule]:
+        """Higher priority first; ties by name so that evaluation order never depends on file order."""
+        return sorted(self.rules, key=lambda rule: (-rule.priority, rule.name))
+
+
+def rule_label(index: int, name: object) -> str:
+    return f"rules[{index}] ({name})" if isinstance(name, str) and name else f"rules[{index}]"
+
+
+def parse_rules(data: dict | list, source: str = "<rules>") -> RuleSet:
+    """A RuleSet from parsed TOML: a document with [[rules]] or the list of rule tables itself.
+
+    A document without [[rules]] is an empty rule set (what rules_to_toml writes for one).
+    """
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - {"rules"})
+        if unknown:  # "[[rule]]" is a typo that would otherwise silently drop rules
+            raise RuleError([f"{source}: unknown top-level key(s) {unknown}; a rule set holds [[rules]] tables only"])
+        data = data.get("rules", [])
+    if not isinstance(data, list):
+        raise RuleError([f"{source}: rules: expected an array of tables ([[rules]]), got {describe_value(data)}"])
+
+    problems: list[str] = []
+    rules = []
+    for index, raw in enumerate(data):
+        rule_problems: list[tuple[str, str]] = []
+        rule = _parse_rule(raw, rule_problems)
+        label = rule_label(index, raw.get("name") if isinstance(raw, dict) else None)
+        problems += [f"{source}: {label}{'.' + path if path else ''}: {message}" for path, message in rule_problems]
+        if rule is not None:
+            rules.append(rule)
+    # duplicate names would clash where decisions are stored, keyed by rule name
+    names = [raw.get("name") if isinstance(raw, dict) else None for raw in data]
+    problems += _duplicate_names(names, source)
+    if problems:
+        raise RuleError(problems)
+    return RuleSet(rules, source)
+
+
+def load_rules_file(path: str | Path) -> RuleSet:
+    """Reads a TOML rules file (top-level [[rules]]); syntax errors carry their line and column."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RuleError([f"{source}: cannot read: {error}"]) from error
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:  # the message says "(at line L, column C)"
+        raise RuleError([f"{source}: TOML syntax error: {error}"]) from error
+    return parse_rules(data, source)
+
+
+def check_rules(
+    rule_set: RuleSet, known_models: set[str] | None, known_destinations: set[str] | None
+) -> list[str]:
+    """Cross-reference problems (unknown model / destination, duplicate names); None skips that check."""
+    problems = []
+    for index, rule in enumerate(rule_set.rules):
+        label = f"{rule_set.source}: {rule_label(index, rule.name)}"
+        for key, names, known, what in (
+            ("models", rule.models, known_models, "model"),
+            ("destinations", rule.destinations, known_destinations, "destination"),
+        ):
+            if known is None:
+                continue
+            for position, name in enumerate(names):
+                if name not in known:
+                    choices = ", ".join(sorted(known)) or "none configured"
+                    problems.append(f"{label}.{key}[{position}]: unknown {what} {name!r} (known: {choices})")
+    return problems + _duplicate_names([rule.name for rule in rule_set.rules], rule_set.source)
+
+
+def _duplicate_names(names: list[object], source: str) -> list[str]:
+    first_index: dict[str, int] = {}
+    problems = []
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in first_index:
+            problems.append(
+                f"{source}: {rule_label(index, name)}.name: duplicate rule name {name!r} (also rules[{first_index[name]}])"
+            )
+        else:
+            first_index[name] = index
+    return problems
+
+
+def _parse_rule(raw: object, problems: list[tuple[str, str]]) -> Rule | None:
+    if not isinstance(raw, dict):
+        problems.append(("", f"expected a table, got {describe_value(raw)}"))
+        return None
+    for key in sorted(set(raw) - set(RULE_KEYS)):
+        problems.append((key, f"unknown key {key!r} (expected one of {', '.join(RULE_KEYS)})"))
+    for key in REQUIRED_RULE_KEYS:
+        if key not in raw:
+            problems.append((key, "missing (required)"))
+
+    count_before = len(problems)
+    name = raw.get("name")
+    if "name" in raw and not (isinstance(name, str) and name.strip()):
+        problems.append(("name", f"expected a non-empty string, got {describe_value(name)}"))
+    elif isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+        problems.append(("name", f"longer than {MAX_NAME_LENGTH} characters"))
+
+    priority = raw.get("priority")
+    if "priority" in raw and not _is_int(priority):
+        problems.append(("priority", f"expected an integer, got {describe_value(priority)}"))
+
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        problems.append(("enabled", f"expected true or false, got {describe_value(enabled)}"))
+
+    models = raw.get("models")
+    if "models" in raw and not _is_name_list(models, allow_empty=False):
+        problems.append(("models", f"expected a non-empty list of model names, got {describe_value(models)}"))
+    # an empty destination list is allowed: results are kept on the node and delivered nowhere
+    destinations = raw.get("destinations")
+    if "destinations" in raw and not _is_name_list(destinations, allow_empty=True):
+        problems.append(("destinations", f"expected a list of destination names, got {describe_value(destinations)}"))
+
+    quiet_period_s = raw.get("quiet_period_s")
+    if quiet_period_s is not None and not (_is_number(quiet_period_s) and 0 <= quiet_period_s < math.inf):
+        problems.append(("quiet_period_s", f"expected seconds >= 0, got {describe_value(quiet_period_s)}"))
+
+    when = parse_condition(raw["when"], "when", problems) if "when" in raw else None
+    series = _parse_selector(raw.get("series", {}), problems)
+
+    if len(problems) > count_before or any(key not in raw for key in REQUIRED_RULE_KEYS):
+        return None
+    return Rule(
+        name=name,
+        priority=priority,
+        models=list(models),
+        destinations=list(destinations),
+        when=when,
+        enabled=enabled,
+        quiet_period_s=float(quiet_period_s) if quiet_period_s is not None else None,
+        series=series,
+    )
+
+
+def _parse_selector(raw: object, problems: list[tuple[str, str]]) -> SeriesSelector:
+    selector = SeriesSelector()
+    if not isinstance(raw, dict):
+        problems.append(("series", f"expected a table ([rules.series]), got {describe_value(raw)}"))
+        return selector
+    for key in sorted(set(raw) - set(SELECTOR_KEYS)):
+        problems.append((f"series.{key}", f"unknown key {key!r} (expected one of {', '.join(SELECTOR_KEYS)})"))
+    for key, choices in (("orientation", ORIENTATIONS), ("pick", PICKS)):
+        if key in raw:
+            if raw[key] in choices:
+                setattr(selector, key, raw[key])
+            else:
+                expected = " | ".join(choices)
+                problems.append((f"series.{key}", f"expected one of {expected}, got {describe_value(raw[key])}"))
+    if "min_slices" in raw:
+        if _is_int(raw["min_slices"]) and raw["min_slices"] >= 0:
+            selector.min_slices = raw["min_slices"]
+        else:
+            problems.append(("series.min_slices", f"expected an integer >= 0, got {describe_value(raw['min_slices'])}"))
+    return selector
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_name_list(value: object, allow_empty: bool) -> bool:
+    return (
+        isinstance(value, list)
+        and (allow_empty or bool(value))
+        and all(isinstance(item, str) and item.strip() for item in value)
+    )

@@ -1,0 +1,173 @@
+"""3D CT lung segmentation: a small MONAI UNet run on a coarse 2.5 mm grid.
+
+Pipeline (``LungSegmentation.predict``):
+
+1. Downsample the HU volume to ~2.5 mm voxels with area averaging (anti-aliased, memory
+   bounded by the output), clip and scale HU to about [-1, 1].
+2. Run the UNet with ``sliding_window_inference`` over fixed-size windows, so memory stays
+   bounded whatever the number of slices.
+3. Keep the largest connected component(s) of the coarse lung probability (left and right lungs
+   may be separate components), zero the rest.
+4. Upsample the probability back onto the input grid exactly (trilinear, half-voxel-centred
+   geometry that inverts the area downsampling), slab by slab, threshold at 0.5, and compute the
+   measurements on the original HU values in the same pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
+
+from model_zoo.base import Measurement, ModelOutput, SegmentMask
+
+TARGET_SPACING_MM = 2.5
+HU_LOW, HU_HIGH = -1000.0, 500.0
+EMPHYSEMA_HU = -950.0
+ROI = (64, 160, 160)  # sliding-window size in coarse voxels (160 mm x 400 mm x 400 mm)
+SLAB = 32  # input slices upsampled at a time when going back to the input grid
+
+
+def build_network() -> torch.nn.Module:
+    """The network; train.py and the model share it so weights always fit."""
+    return UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=(8, 16, 32, 64),
+                strides=(2, 2, 2), num_res_units=1)
+
+
+def normalise_hu(hu: torch.Tensor) -> torch.Tensor:
+    """HU -> about [-1, 1] (air -1, water -0.33, dense bone 1)."""
+    return (hu.clamp(HU_LOW, HU_HIGH) - (HU_LOW + HU_HIGH) / 2) / ((HU_HIGH - HU_LOW) / 2)
+
+
+def coarse_shape(shape, spacing, target=TARGET_SPACING_MM) -> tuple[int, int, int]:
+    return tuple(max(1, int(round(n * s / target))) for n, s in zip(shape, spacing))
+
+
+def downsample(pixels: np.ndarray, spacing) -> torch.Tensor:
+    """HU (slices, rows, cols) -> coarse HU tensor (1, 1, d, h, w), area-averaged."""
+    source = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    size = coarse_shape(pixels.shape, spacing)
+    if tuple(size) == tuple(pixels.shape):
+        return source.clone()
+    return F.interpolate(source, size=size, mode="area")
+
+
+def _axis_weights(n_out: int, n_in: int, start: int = 0, stop: int | None = None):
+    """Linear interpolation taps mapping output index i (half-voxel centred) to the input axis."""
+    stop = n_out if stop is None else stop
+    pos = (np.arange(start, stop) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0, n_in - 1)
+    low = np.floor(pos).astype(np.int64)
+    high = np.minimum(low + 1, n_in - 1)
+    return low, high, (pos - low).astype(np.float32)
+
+
+def label_components(mask: np.ndarray) -> np.ndarray:
+    """6-connected component labels (0 = background) by run-wise max propagation.
+
+    Each sweep gives every run of foreground voxels along one axis the largest label in the run;
+    sweeping the three axes until nothing changes converges in a handful of sweeps for compact
+    shapes such as lungs (the number needed grows with how winding a component is).
+    """
+    labels = np.where(mask, np.arange(1, mask.size + 1, dtype=np.int64).reshape(mask.shape), 0)
+    changed = True
+    while changed:
+        changed = False
+        for axis in range(3):
+            moved = np.moveaxis(labels, axis, -1)
+            flat = moved.reshape(-1, moved.shape[-1])
+            fg = flat > 0
+            starts = fg.copy()
+            starts[:, 1:] &= ~fg[:, :-1]
+            values = flat[fg]
+            if values.size == 0:
+                return labels
+            run_starts = np.flatnonzero(starts[fg])
+            run_max = np.maximum.reduceat(values, run_starts)
+            new_values = np.repeat(run_max, np.diff(np.append(run_starts, values.size)))
+            if not np.array_equal(new_values, values):
+                changed = True
+                flat = flat.copy()
+                flat[fg] = new_values
+                labels = np.moveaxis(flat.reshape(moved.shape), -1, axis)
+    return labels
+
+
+def keep_lung_components(mask: np.ndarray, min_fraction: float = 0.1, max_components: int = 2):
+    """The largest component plus the next one if it holds >= min_fraction of the largest's size."""
+    labels = label_components(mask)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    if ids.size == 0:
+        return mask
+    order = np.argsort(counts)[::-1][:max_components]
+    keep = [ids[i] for i in order if counts[i] >= min_fraction * counts[order[0]]]
+    return np.isin(labels, keep)
+
+
+class LungSegmentation:
+    def __init__(self, manifest, device: str | torch.device = "cpu"):
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.network = build_network()
+        if manifest is not None and manifest.weights:
+            state = torch.load(manifest.folder / manifest.weights, map_location="cpu", weights_only=True)
+            self.network.load_state_dict(state)
+        self.network.to(self.device).eval()
+
+    @torch.inference_mode()
+    def coarse_probability(self, pixels: np.ndarray, spacing) -> np.ndarray:
+        """Lung probability on the coarse grid, after connected-component cleanup."""
+        image = normalise_hu(downsample(pixels, spacing)).to(self.device)
+        logits = sliding_window_inference(image, roi_size=ROI, sw_batch_size=1, predictor=self.network,
+                                          overlap=0.25, mode="gaussian")
+        probability = torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+        keep = keep_lung_components(probability > 0.5)
+        # keep the soft edge just outside the kept components so the upsampled border stays smooth
+        grown = F.max_pool3d(torch.from_numpy(keep.astype(np.float32))[None, None], 3, 1, 1)[0, 0].numpy() > 0
+        return np.where(grown, probability, 0.0).astype(np.float32)
+
+    def predict(self, volume) -> ModelOutput:
+        pixels = volume.pixels
+        probability = self.coarse_probability(pixels, volume.spacing)
+        mask, volume_ml, mean_hu, emphysema = self._upsample_and_measure(probability, pixels,
+                                                                        volume.voxel_volume_ml)
+        area = mask.sum(axis=(1, 2))
+        key_slices = [int(np.argmax(area))] if area.any() else []
+        measurements = []
+        if area.any():
+            measurements = [
+                Measurement("volume", volume_ml, segment="lung"),
+                Measurement("mean_attenuation", mean_hu, segment="lung"),
+                Measurement("emphysema_index", emphysema, segment="lung"),
+            ]
+        return ModelOutput(segments=[SegmentMask("lung", mask)], measurements=measurements,
+                           key_slices=key_slices)
+
+    @staticmethod
+    def _upsample_and_measure(probability, pixels, voxel_ml):
+        """Trilinear upsampling to the input grid in slabs of slices; sums taken on the way."""
+        n, rows, cols = pixels.shape
+        d, h, w = probability.shape
+        coarse = torch.from_numpy(probability)
+        mask = np.zeros(pixels.shape, dtype=bool)
+        count, hu_sum, low_count = 0, 0.0, 0
+        for start in range(0, n, SLAB):
+            stop = min(n, start + SLAB)
+            low, high, t = _axis_weights(n, d, start, stop)
+            t = torch.from_numpy(t)[:, None, None]
+            slab = coarse[low] * (1 - t) + coarse[high] * t  # (k, h, w) along slices
+            if (h, w) != (rows, cols):
+                slab = F.interpolate(slab[None], size=(rows, cols), mode="bilinear", align_corners=False)[0]
+            slab_mask = (slab > 0.5).numpy()
+            mask[start:stop] = slab_mask
+            values = pixels[start:stop][slab_mask]
+            count += values.size
+            hu_sum += float(values.sum(dtype=np.float64))
+            low_count += int((values < EMPHYSEMA_HU).sum())
+        if count == 0:
+            return mask, 0.0, math.nan, math.nan
+        return mask, count * voxel_ml, hu_sum / count, 100.0 * low_count / count

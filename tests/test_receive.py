@@ -1,0 +1,93 @@
+"""The node's Storage SCP against dcmtk's storescu/echoscu (real peers, real node process)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from pydicom import dcmread
+
+from tests.node_process import NODE_AE, node_factory  # noqa: F401
+from tests.peers import echoscu, skip_unless_tools, storescu, storescu_failures, write_tiny_ct
+from tests.synthetic import make_ct_series
+
+pytestmark = [pytest.mark.integration, skip_unless_tools("storescu", "echoscu")]
+
+
+def rows(node, query: str, *params):
+    with sqlite3.connect(node.workdir / "node.db") as connection:
+        return connection.execute(query, params).fetchall()
+
+
+def test_echo_succeeds_for_an_allowed_caller(node_factory):
+    node = node_factory()
+    result = echoscu("127.0.0.1", node.port, NODE_AE, calling_ae="ECHOSCU")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_caller_not_on_the_allow_list_is_rejected_and_logged(node_factory):
+    node = node_factory()
+    result = echoscu("127.0.0.1", node.port, NODE_AE, calling_ae="INTRUDER")
+    assert result.returncode != 0
+    assert "Calling AE Title Not Recognized" in result.stdout + result.stderr
+    assert "rejected association from AE 'INTRUDER'" in node.log()
+
+
+def test_caller_pinned_to_another_host_is_rejected(node_factory):
+    node = node_factory(allowed_callers='{ ae_title = "ECHOSCU", host = "10.9.9.9" }')
+    assert echoscu("127.0.0.1", node.port, NODE_AE, calling_ae="ECHOSCU").returncode != 0
+
+
+def test_series_is_stored_as_received_and_indexed(node_factory, tmp_path):
+    node = node_factory()
+    series = make_ct_series(tmp_path / "ct", shape=(6, 32, 32))
+    result = storescu("127.0.0.1", node.port, tmp_path / "ct", NODE_AE)
+    assert not storescu_failures(result), result.stdout
+    stored = rows(node, "select sop_instance_uid, path, size_bytes from instance")
+    assert {uid for uid, _, _ in stored} == set(series.sop_instance_uids)
+    for sop_uid, path, size in stored:
+        file = node.workdir / "storage" / path
+        assert file.stat().st_size == size
+        assert dcmread(file).SOPInstanceUID == sop_uid
+    # the pixel bytes are exactly those sent
+    original = {dcmread(p).SOPInstanceUID: dcmread(p).PixelData for p in series.paths}
+    for sop_uid, path, _ in stored:
+        assert dcmread(node.workdir / "storage" / path).PixelData == original[sop_uid]
+    assert rows(node, "select count(*) from series") == [(1,)]
+    assert rows(node, "select modality from series") == [("CT",)]
+
+
+def test_resent_instance_is_idempotent(node_factory, tmp_path):
+    node = node_factory()
+    write_tiny_ct(tmp_path / "one.dcm", sop_uid="1.2.826.0.1.3680043.8.498.1")
+    for _ in range(2):
+        assert not storescu_failures(storescu("127.0.0.1", node.port, [tmp_path / "one.dcm"], NODE_AE))
+    assert rows(node, "select count(*) from instance") == [(1,)]
+
+
+@pytest.mark.parametrize("bad_uid", ["1.2.3.abc", "1.2.03", "../../etc/passwd"])
+def test_instance_with_a_malformed_uid_is_refused_with_a_reason(node_factory, tmp_path, bad_uid):
+    node = node_factory()
+    dataset = write_tiny_ct(tmp_path / "bad.dcm")
+    dataset.SeriesInstanceUID = bad_uid
+    dataset.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    failures = storescu_failures(storescu("127.0.0.1", node.port, [tmp_path / "bad.dcm"], NODE_AE))
+    assert len(failures) == 1 and failures[0].status is not None
+    assert rows(node, "select count(*) from instance") == [(0,)]
+    assert "SeriesInstanceUID is not a valid UID" in node.log()
+    assert not list((node.workdir / "storage" / "instances").rglob("*.dcm"))
+
+
+def test_full_disk_gives_out_of_resources(node_factory, tmp_path):
+    node = node_factory(node_extra="")
+    # ask for more free space than any disk has: every instance must be refused, nothing indexed
+    text = node.config_path.read_text().replace("min_free_disk_mb = 0", "min_free_disk_mb = 100000000")
+    node.stop()
+    node.config_path.write_text(text)
+    node.start()
+    write_tiny_ct(tmp_path / "one.dcm")
+    result = storescu("127.0.0.1", node.port, [tmp_path / "one.dcm"], NODE_AE)
+    failures = storescu_failures(result)
+    assert len(failures) == 1 and failures[0].status == "Refused: OutOfResources"
+    assert rows(node, "select count(*) from instance") == [(0,)]
+    assert "disk" in node.log()

@@ -1,0 +1,330 @@
+"""SEG, SR, key images and derived series: content read back, geometry, UIDs, dciodvfy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_ai_node.imaging.load import load_series, read_header
+from dicom_ai_node.results.derived import build_derived_series
+from dicom_ai_node.results.key_images import build_key_images, orientation_letters, pick_key_slices
+from dicom_ai_node.results.seg import build_segmentation
+from dicom_ai_node.results.sr import build_measurement_report
+from model_zoo.base import Finding, Measurement, ModelOutput, SegmentMask
+from model_zoo.manifest import Code, FindingSpec, InputSpec, Manifest, MeasurementSpec, SegmentSpec
+from tests.conftest import SHARED_DATA, requires_shared_data
+from tests.dciodvfy import dciodvfy_errors
+from tests.synthetic import AXIAL, OBLIQUE, SAGITTAL, make_ct_series
+
+LUNG_COLOUR = (0, 128, 255)
+BODY_COLOUR = (255, 200, 0)
+
+
+def lung_manifest(task: str = "segmentation") -> Manifest:
+    return Manifest(
+        path=Path("/models/lung_ct_seg/model.toml"), name="lung_ct_seg", version="1.0.0", task=task,
+        entry="model:LungSegmentation", weights=None, algorithm_name="Lung CT segmentation",
+        algorithm_version="1.2.3", manufacturer="Example AI Lab", input=InputSpec(modality=("CT",)),
+        segments=(
+            SegmentSpec("lung", "Lungs", Code("SCT", "123037004", "Anatomical Structure"),
+                        Code("SCT", "39607008", "Lung"), LUNG_COLOUR),
+            SegmentSpec("body", "Body", Code("SCT", "123037004", "Anatomical Structure"),
+                        Code("SCT", "38266002", "Entire body"), BODY_COLOUR),
+        ),
+        measurements=(
+            MeasurementSpec("volume", Code("SCT", "118565006", "Volume"), Code("UCUM", "ml", "milliliter")),
+            MeasurementSpec("mean_hu", Code("SCT", "373098007", "Mean"), Code("UCUM", "[hnsf'U]", "Hounsfield unit")),
+        ),
+        findings=(
+            FindingSpec("emphysema", Code("SCT", "87433001", "Pulmonary emphysema"),
+                        {"present": Code("SCT", "52101004", "Present"), "absent": Code("SCT", "2667000", "Absent")}),
+        ),
+    )
+
+
+class Job:
+    """A synthetic series, its volume, headers and a segmentation model's output."""
+
+    def __init__(self, folder, **series_options):
+        self.series = make_ct_series(folder / "ct", **series_options)
+        self.volume = load_series(self.series.paths)
+        self.headers = [read_header(path) for path in self.series.paths]
+        self.manifest = lung_manifest()
+        body = self.series.hu > -500
+        self.output = ModelOutput(
+            segments=[SegmentMask("lung", self.series.lung_mask), SegmentMask("body", body | self.series.lung_mask)],
+            measurements=[Measurement("volume", float(self.series.lung_mask.sum()) * self.volume.voxel_volume_ml, "lung"),
+                          Measurement("mean_hu", -850.0, "lung"),
+                          Measurement("mean_hu", -5.0, None)],
+            findings=[Finding("emphysema", "present", 0.87)],
+        )
+        self.folder = folder
+
+    def save(self, dataset, name) -> Path:
+        path = self.folder / name
+        dataset.save_as(path, enforce_file_format=True)
+        return path
+
+
+@pytest.fixture
+def job(tmp_path):
+    return Job(tmp_path, shape=(10, 24, 32), reverse=True)
+
+
+def _codes(sequence) -> set[tuple[str, str]]:
+    return {(item.CodingSchemeDesignator, item.CodeValue) for item in sequence}
+
+
+def _has_processing_algorithm(dataset, manifest) -> bool:
+    for item in dataset.ContributingEquipmentSequence:
+        if ("99IHE", "1630") in _codes(item.PurposeOfReferenceCodeSequence):
+            return (item.Manufacturer == manifest.manufacturer
+                    and item.ManufacturerModelName == manifest.algorithm_name
+                    and item.SoftwareVersions == manifest.algorithm_version)
+    return False
+
+
+def _same_patient_and_study(result, source):
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                    "AccessionNumber", "StudyID"):
+        assert result.get(keyword) == source.get(keyword), keyword
+    assert result.SeriesInstanceUID != source.SeriesInstanceUID
+
+
+# --- SEG ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", [AXIAL, SAGITTAL, OBLIQUE])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_seg_equals_mask_per_source_instance(tmp_path, orientation, reverse):
+    job = Job(tmp_path, shape=(9, 20, 28), orientation=orientation, reverse=reverse)
+    seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
+    seg = hd.seg.segread(job.save(seg, "seg.dcm"))
+
+    stored = seg.get_pixels_by_source_instance(job.series.sop_instance_uids, segment_numbers=[1, 2])
+    assert stored.shape == (9, 20, 28, 2)
+    np.testing.assert_array_equal(stored[..., 0].astype(bool), job.series.lung_mask)
+    np.testing.assert_array_equal(stored[..., 1].astype(bool), job.output.segments[1].mask)
+    # and via the file's own geometry: frame positions are those of the source images
+    for source in job.headers:
+        index = job.series.sop_instance_uids.index(source.SOPInstanceUID)
+        np.testing.assert_allclose(job.volume.slice_position(index),
+                                   [float(v) for v in source.ImagePositionPatient], atol=1e-3)
+
+
+def test_seg_content(job, tmp_path):
+    seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
+    path = job.save(seg, "seg.dcm")
+    seg = hd.seg.segread(path)
+
+    assert dciodvfy_errors(path) == []
+    assert seg.SegmentationType == "BINARY"
+    assert seg.NumberOfFrames == 10 * 2  # empty frames kept (lungs absent from the lowest slices)
+    assert seg.SeriesNumber == 300
+    assert seg.SeriesDescription.startswith("AI: Lung CT segmentation")
+    assert seg.BodyPartExamined == "CHEST"
+    _same_patient_and_study(seg, job.headers[0])
+    assert _has_processing_algorithm(seg, job.manifest)
+    lung = seg.SegmentSequence[0]
+    assert (lung.SegmentLabel, lung.SegmentAlgorithmType) == ("Lungs", "AUTOMATIC")
+    assert _codes(lung.SegmentedPropertyTypeCodeSequence) == {("SCT", "39607008")}
+    assert lung.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "Lung CT segmentation"
+    assert _codes(lung.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence) == {
+        ("DCM", "123110")}
+    referenced = {item.ReferencedSOPInstanceUID
+                  for series in seg.ReferencedSeriesSequence for item in series.ReferencedInstanceSequence}
+    assert referenced == set(job.series.sop_instance_uids)
+
+
+def test_uids_are_deterministic_per_seed(job):
+    def uids(seed):
+        seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, seed, 300)
+        sr = build_measurement_report(job.headers, job.volume, job.output, job.manifest, seed, 301, seg)
+        images = build_key_images(job.headers, job.volume, job.output, job.manifest, seed, 302)
+        job.output.derived_pixels = job.series.hu
+        derived = build_derived_series(job.headers, job.volume, job.output, job.manifest, seed, 303)
+        objects = [seg, sr, *images, *derived]
+        return ([o.SeriesInstanceUID for o in objects], [o.SOPInstanceUID for o in objects],
+                seg.SegmentSequence[0].TrackingUID)
+
+    first, again, other = uids("job-1"), uids("job-1"), uids("job-2")
+    assert first == again
+    series, instances, _ = first
+    assert len(set(series)) == 4  # SEG, SR, key images, derived
+    assert len(set(instances)) == len(instances)
+    assert not set(series + instances) & set(other[0] + other[1])
+
+
+@requires_shared_data
+def test_seg_on_real_enhanced_mr_matches_per_frame(tmp_path):
+    path = SHARED_DATA / "neurolabusc__dcm_qa_enh" / "In" / "Siemens" / "XA10" / "6_1.dcm"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    volume = load_series([path])
+    mask = volume.pixels > np.percentile(volume.pixels, 80)
+    manifest = lung_manifest()
+    output = ModelOutput(segments=[SegmentMask("lung", mask)])
+    seg = build_segmentation([read_header(path)], volume, output, manifest, "mr-job", 400)
+    out = tmp_path / "seg.dcm"
+    seg.save_as(out)
+    seg = hd.seg.segread(out)
+    frames = [f.frame_number for f in volume.source_frames]
+    stored = seg.get_pixels_by_source_frame(str(volume.source_frames[0].sop_instance_uid), frames,
+                                            segment_numbers=[1])
+    np.testing.assert_array_equal(stored[..., 0].astype(bool), mask)
+    assert dciodvfy_errors(out) == []
+
+
+# --- SR -------------------------------------------------------------------------------------------
+
+
+def _content_items(item):
+    """Every content item of an SR tree, depth first."""
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from _content_items(child)
+
+
+def _numbers(dataset) -> list[tuple[str, float, str]]:
+    return [(item.ConceptNameCodeSequence[0].CodeMeaning, float(item.MeasuredValueSequence[0].NumericValue),
+             item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue)
+            for item in _content_items(dataset) if item.ValueType == "NUM"]
+
+
+def test_sr_with_segmentation(job):
+    seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
+    sr = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg)
+    path = job.save(sr, "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.Manufacturer == "dicom-ai-node"
+    assert sr.SeriesDescription.startswith("AI: Lung CT segmentation")
+    _same_patient_and_study(sr, job.headers[0])
+    assert _has_processing_algorithm(sr, job.manifest)
+
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    lung = next(g for g in groups if g.tracking_identifier == "Lungs")
+    assert lung.tracking_uid == seg.SegmentSequence[0].TrackingUID
+    reference = lung.referenced_segment
+    assert (reference.referenced_sop_instance_uid, reference.referenced_segment_numbers) == (seg.SOPInstanceUID, [1])
+    values = {(m.name.meaning, m.unit.value): m.value for m in lung.get_measurements()}
+    assert values[("Volume", "ml")] == pytest.approx(job.output.measurements[0].value)
+    assert values[("Mean", "[hnsf'U]")] == pytest.approx(-850.0)
+    algorithm = [i for i in _content_items(lung[0]) if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"]
+    assert algorithm and algorithm[0].TextValue == "Lung CT segmentation"
+
+    numbers = _numbers(sr)
+    assert ("Probability", 87.0, "%") in numbers  # the finding's probability
+    assert ("Mean", -5.0, "[hnsf'U]") in numbers  # the image-level measurement
+    finding = [i for i in _content_items(sr) if i.ValueType == "CODE"
+               and i.ConceptNameCodeSequence[0].CodeValue == "87433001"]
+    assert finding and finding[0].ConceptCodeSequence[0].CodeMeaning == "Present"
+
+
+def test_sr_without_segmentation_references_the_source_images(job):
+    output = ModelOutput(findings=[Finding("emphysema", "absent", 0.12)])
+    sr = build_measurement_report(job.headers, job.volume, output, lung_manifest("classification"), "cls", 301)
+    path = job.save(sr, "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_volumetric_roi_measurement_groups()
+    assert groups == []
+    referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                  for i in _content_items(sr) if i.ValueType == "IMAGE"}
+    assert referenced == set(job.series.sop_instance_uids)
+    assert ("Probability", 12.0, "%") in _numbers(sr)
+
+
+def test_sr_rejects_undeclared_finding_values(job):
+    output = ModelOutput(findings=[Finding("emphysema", "maybe", 0.5)])
+    with pytest.raises(ValueError, match="maybe"):
+        build_measurement_report(job.headers, job.volume, output, job.manifest, "x", 301)
+
+
+# --- key images -----------------------------------------------------------------------------------
+
+
+def test_key_images_show_mask_banner_and_pass_dciodvfy(job):
+    images = build_key_images(job.headers, job.volume, job.output, job.manifest, "job-1", 302, max_images=2)
+    assert len(images) == 2
+    lung_area = job.series.lung_mask.reshape(10, -1).sum(axis=1) + job.output.segments[1].mask.reshape(10, -1).sum(1)
+    expected = sorted(np.argsort(-lung_area, kind="stable")[:2].tolist())
+    assert [int(i.DerivationDescription.split()[1]) - 1 for i in images] == expected
+
+    for image in images:
+        path = job.save(image, f"key{image.InstanceNumber}.dcm")
+        assert dciodvfy_errors(path) == []
+        image = pydicom.dcmread(path)
+        assert (image.PhotometricInterpretation, image.SamplesPerPixel, image.BitsAllocated) == ("RGB", 3, 8)
+        assert image.BurnedInAnnotation == "YES" and image.ConversionType == "WSD"
+        assert image.BodyPartExamined == "CHEST"
+        assert list(image.PatientOrientation) == ["L", "P"]
+        _same_patient_and_study(image, job.headers[0])
+        assert _has_processing_algorithm(image, job.manifest)
+        source_uid = image.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert source_uid in job.series.sop_instance_uids
+
+        pixels = image.pixel_array
+        banner = pixels[:20].reshape(-1, 3)
+        assert (banner == (255, 255, 0)).all(axis=1).any()  # yellow disclaimer text
+        assert (pixels == LUNG_COLOUR).all(axis=2).any()  # lung outline in the segment colour
+        zoom = pixels.shape[1] // 32
+        assert float(image.PixelSpacing[0]) == pytest.approx(job.volume.spacing[1] / zoom)
+
+
+def test_key_images_honour_model_key_slices_and_saliency(job):
+    saliency = np.zeros(job.volume.shape, dtype=np.float32)
+    saliency[6, 5:15, 5:15] = 1.0
+    output = ModelOutput(saliency=saliency, findings=[Finding("emphysema", "present", 0.9)])
+    assert pick_key_slices(job.volume, output, 3) == [6]
+    images = build_key_images(job.headers, job.volume, output, job.manifest, "cls", 302)
+    assert len(images) == 1
+    pixels = images[0].pixel_array
+    assert (pixels[..., 0] > pixels[..., 2] + 100).any()  # red end of the heat map is visible
+    assert dciodvfy_errors(job.save(images[0], "saliency.dcm")) == []
+    output.key_slices = [9, 2, 2]
+    assert pick_key_slices(job.volume, output, 3) == [2, 9]
+    assert pick_key_slices(job.volume, ModelOutput(), 3) == []
+
+
+def test_orientation_letters():
+    assert orientation_letters(np.array([1.0, 0, 0])) == "L"
+    assert orientation_letters(np.array([0, 0, -1.0])) == "F"
+    assert orientation_letters(np.array([0, 0.94, -0.34])) == "PF"
+
+
+# --- derived series -------------------------------------------------------------------------------
+
+
+def test_derived_series_keeps_geometry_and_values(job, tmp_path):
+    denoised = np.round(job.series.hu * 0.5)
+    denoised[0, 0, 0] = 5000.0  # beyond the 12-bit stored range: clipped, not wrapped
+    job.output.derived_pixels = denoised
+    results = build_derived_series(job.headers, job.volume, job.output, job.manifest, "job-1", 303,
+                                   derivation_description="Denoised with Lung CT segmentation")
+    assert len(results) == 10
+    paths = [job.save(ds, f"derived{i}.dcm") for i, ds in enumerate(results)]
+    assert dciodvfy_errors(paths[0]) == []
+
+    derived = load_series(paths)
+    expected = denoised.copy()
+    expected[0, 0, 0] = 4095 - 1024
+    np.testing.assert_array_equal(derived.pixels, expected)
+    np.testing.assert_allclose(derived.origin, job.volume.origin)
+    assert derived.spacing == job.volume.spacing
+
+    first = pydicom.dcmread(paths[0])
+    assert list(first.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert first.DerivationDescription == "Denoised with Lung CT segmentation"
+    assert first.SourceImageSequence[0].ReferencedSOPInstanceUID == job.volume.source_frames[0].sop_instance_uid
+    assert first.SeriesDescription.startswith("AI: Lung CT segmentation")
+    _same_patient_and_study(first, job.headers[0])
+    assert first.FrameOfReferenceUID == job.headers[0].FrameOfReferenceUID
+    assert _has_processing_algorithm(first, job.manifest)
