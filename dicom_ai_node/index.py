@@ -8,7 +8,7 @@ from datetime import datetime
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -69,11 +69,14 @@ class ReceivedInstance:
     is_result: bool = False
 
 
-def _insert_ignore(session: Session, model, values: dict):
-    """INSERT that does nothing when the primary key exists (concurrent receivers race here)."""
+def _insert_ignore(session: Session, model, values: dict) -> bool:
+    """INSERT that does nothing when the primary key exists (concurrent receivers race here);
+    True when the row was inserted."""
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    session.execute(insert(model).values(**values).on_conflict_do_nothing())
+    key = model.__mapper__.primary_key[0]
+    statement = insert(model).values(**values).on_conflict_do_nothing().returning(key)
+    return session.execute(statement).first() is not None
 
 
 def record_instance(session: Session, item: ReceivedInstance, now: datetime | None = None) -> bool:
@@ -98,23 +101,19 @@ def record_instance(session: Session, item: ReceivedInstance, now: datetime | No
         attributes=header_attributes(header),
         is_result=item.is_result,
     ))
-    existing = session.get(Instance, item.sop_uid)
-    if existing is not None:
+    is_new = _insert_ignore(session, Instance, dict(
+        sop_instance_uid=item.sop_uid, series_instance_uid=item.series_uid,
+        sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax_uid,
+        instance_number=_int(header, "InstanceNumber"),
+        number_of_frames=_int(header, "NumberOfFrames") or 1,
+        path=item.path, size_bytes=item.size_bytes, calling_ae_title=item.calling_ae_title,
+        received_at=now,
+    ))
+    if not is_new:
         # A resend of the same SOP Instance: the file was replaced atomically; keep one row.
-        existing.path, existing.size_bytes = item.path, item.size_bytes
-        existing.transfer_syntax_uid = item.transfer_syntax_uid
-        existing.received_at = now
-        is_new = False
-    else:
-        session.add(Instance(
-            sop_instance_uid=item.sop_uid, series_instance_uid=item.series_uid,
-            sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax_uid,
-            instance_number=_int(header, "InstanceNumber"),
-            number_of_frames=_int(header, "NumberOfFrames") or 1,
-            path=item.path, size_bytes=item.size_bytes, calling_ae_title=item.calling_ae_title,
-            received_at=now,
-        ))
-        is_new = True
+        session.execute(update(Instance).where(Instance.sop_instance_uid == item.sop_uid).values(
+            path=item.path, size_bytes=item.size_bytes,
+            transfer_syntax_uid=item.transfer_syntax_uid, received_at=now))
     if not item.is_result:
         study = session.get(Study, item.study_uid)
         study.last_received_at = now
