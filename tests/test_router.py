@@ -1,0 +1,136 @@
+"""Completion and routing on a real SQLite index, in-process: decisions stored with reasons,
+jobs created once per exact input, superseded when more instances arrive."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from dicom_ai_node.completion import CompletionTimers
+from dicom_ai_node.db.engine import Database
+from dicom_ai_node.db.models import Job, JobState, RoutingDecision, Study
+from dicom_ai_node.index import ReceivedInstance, record_instance
+from dicom_ai_node.router import Router, RuleStore
+
+RULES = [
+    {"name": "chest", "priority": 10, "models": ["lung_ct_seg"], "destinations": ["pacs"],
+     "when": {"all": [{"tag": "Modality", "equals": "CT"}, {"tag": "BodyPartExamined", "equals": "CHEST"}]}},
+    {"name": "head", "priority": 5, "models": ["lung_ct_seg"], "destinations": ["pacs"],
+     "when": {"tag": "BodyPartExamined", "equals": "HEAD"}},
+]
+
+
+@pytest.fixture
+def database(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+def receive(database, series: str, sop: str, body_part: str = "CHEST", study: str = "1.2.3"):
+    header = Dataset()
+    header.Modality, header.BodyPartExamined, header.PatientID = "CT", body_part, "P"
+    with database.session() as session:
+        return record_instance(session, ReceivedInstance(study, series, sop, "1.2.840.10008.5.1.4.1.1.2",
+                                                         "1.2.840.10008.1.2.1", f"x/{sop}.dcm", 1,
+                                                         "STORESCU", header))
+
+
+def make_router(database, submitted):
+    rules = RuleStore(database)
+    rules.seed_from_config(RULES)
+    return Router(database, rules, 1.0, submitted.append), rules
+
+
+def test_route_stores_decisions_with_reasons_and_creates_one_job(database):
+    for i in range(3):
+        receive(database, "1.2.3.1", f"1.2.3.1.{i}")
+    receive(database, "1.2.3.2", "1.2.3.2.1", body_part="HEAD")
+    submitted = []
+    router, _ = make_router(database, submitted)
+    jobs = router.route("1.2.3")
+    assert jobs == submitted and len(jobs) == 2  # chest series and head series
+    with database.session() as session:
+        decisions = {d.rule_name: d for d in session.scalars(select(RoutingDecision))}
+        assert decisions["chest"].matched and decisions["chest"].detail["selected_series"] == ["1.2.3.1"]
+        assert any("HEAD" in reason for reason in decisions["chest"].detail["reasons"])
+        assert session.get(Study, "1.2.3").state == "complete"
+    assert router.route("1.2.3") == []  # already complete
+
+
+def test_more_instances_supersede_the_unfinished_job_and_same_input_never_duplicates(database):
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    submitted = []
+    router, _ = make_router(database, submitted)
+    [first] = router.route("1.2.3")
+    assert receive(database, "1.2.3.1", "1.2.3.1.1") is False  # resend: not new, study stays complete
+    assert router.route("1.2.3") == []
+    assert receive(database, "1.2.3.1", "1.2.3.1.2") is True
+    with database.session() as session:
+        assert session.get(Study, "1.2.3").state == "receiving"
+    [second] = router.route("1.2.3")
+    with database.session() as session:
+        assert session.get(Job, first).state == JobState.superseded
+        assert session.get(Job, second).input_count == 2
+        assert session.scalars(select(RoutingDecision.evaluation).distinct()).all() == [1, 2]
+
+
+def test_a_new_rule_set_version_applies_without_restart(database):
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    submitted = []
+    router, rules = make_router(database, submitted)
+    with database.session() as session:
+        rules.save(session, '[[rules]]\nname = "none"\npriority = 1\nmodels = ["m"]\ndestinations = []\n'
+                            'when = { tag = "Modality", equals = "MR" }\n', author="admin")
+    assert router.route("1.2.3") == []
+    with database.session() as session:
+        assert [d.rule_name for d in session.scalars(select(RoutingDecision))] == ["none"]
+
+
+def test_rule_quiet_period_override_holds_completion(database):
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    rules = RuleStore(database)
+    rules.seed_from_config([{**RULES[0], "quiet_period_s": 30}])
+    router = Router(database, rules, 1.0, lambda job_id: None)
+    assert router.quiet_enough("1.2.3", 5.0) is False
+    assert router.quiet_enough("1.2.3", 31.0) is True
+
+
+def test_completion_after_quiet_period_and_after_release(database):
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.start()
+    completed: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def on_complete(study_uid):
+        completed.append((study_uid, time.monotonic()))
+        with database.session() as session:
+            session.get(Study, study_uid).state = "complete"
+        done.set()
+
+    timers = CompletionTimers(scheduler, database, quiet_period_s=0.6, release_grace_s=0.1,
+                              on_quiet=lambda uid, quiet: True, on_complete=on_complete)
+    try:
+        start = time.monotonic()
+        receive(database, "1.2.3.1", "1.2.3.1.1")
+        timers.instance_stored("1.2.3", True)
+        time.sleep(0.4)
+        receive(database, "1.2.3.1", "1.2.3.1.2")  # restarts the quiet period
+        timers.instance_stored("1.2.3", True)
+        assert done.wait(5)
+        assert completed[0][1] - start >= 0.95  # 0.4 s + a full quiet period after the last instance
+
+        done.clear()
+        receive(database, "1.2.4.1", "1.2.4.1.1", study="1.2.4")
+        released = time.monotonic()
+        timers.association_released({"1.2.4"})
+        assert done.wait(5)
+        assert completed[1][0] == "1.2.4" and completed[1][1] - released < 0.5
+    finally:
+        scheduler.shutdown(wait=False)
