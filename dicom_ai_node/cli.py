@@ -150,6 +150,7 @@ def _studies(args) -> int:
 
 
 def _resend(args) -> int:
+    from dicom_ai_node import audit
     from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, utcnow
 
     database = _database(args)
@@ -169,6 +170,9 @@ def _resend(args) -> int:
                 .where(Delivery.id.in_(ids))
             session.execute(update(Job).where(Job.id.in_(job_ids)).values(
                 state=JobState.delivering, reason=None, finished_at=None))
+            target = f"job {args.job}" if args.job is not None else (
+                f"study {args.study}" if args.study else "all failed deliveries")
+            audit.record(session, "cli", "deliveries.resend", target, deliveries=len(ids))
     print(f"{len(ids)} deliveries queued again; the running node sends them within a second")
     return 0 if ids else 1
 

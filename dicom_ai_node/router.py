@@ -18,6 +18,7 @@ from collections.abc import Callable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from dicom_ai_node import audit
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import (Instance, Job, JobState, RoutingDecision, RuleSetVersion,
                                      Series, Study, utcnow)
@@ -54,6 +55,7 @@ class RuleStore:
         parse_rules(tomllib.loads(text), source="rule set")  # never store an invalid version
         version = (session.scalar(select(func.max(RuleSetVersion.version))) or 0) + 1
         session.add(RuleSetVersion(version=version, text=text, author=author, comment=comment))
+        audit.record(session, author, "rules.save", f"rule set version {version}", comment=comment)
         session.flush()
         return version
 
