@@ -1,4 +1,4 @@
-"""dicom-ai-node command line: serve, and look inside (studies, rules, models, resend)."""
+"""dicom-ai-node command line: serve, and look inside (studies, rules, models, resend, users)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -41,6 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--study", help="every result of this study")
     target.add_argument("--failed", action="store_true", help="every failed delivery")
 
+    users = commands.add_parser("users", help="users of the admin page and API").add_subparsers(
+        dest="action", required=True)
+    users.add_parser("list", help="users and their roles")
+    add_user = users.add_parser("add", help="create a user (asks for the password)")
+    add_user.add_argument("name")
+    add_user.add_argument("--role", choices=["admin", "viewer"], default="viewer")
+    add_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    token = users.add_parser("token", help="create an API token for a user (printed once)")
+    token.add_argument("name")
+    token.add_argument("--label", default=None, help="what the token is for")
+
     models = commands.add_parser("models", help="installed models").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="installed models")
     model_check = models.add_parser("check", help="validate a model folder or model.toml")
@@ -51,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     handler = {"serve": _serve, "rules": _rules, "studies": _studies, "resend": _resend,
-               "models": _models, "db": _db}[args.command]
+               "users": _users, "models": _models, "db": _db}[args.command]
     return handler(args)
 
 
@@ -81,7 +92,8 @@ def _serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "highdicom"):  # per-attribute chatter, never useful to an admin
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     node = Node(config)
     try:
         node.start()
@@ -150,31 +162,51 @@ def _studies(args) -> int:
 
 
 def _resend(args) -> int:
-    from dicom_ai_node import audit
-    from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, utcnow
+    from dicom_ai_node.deliver.outbox import resend_deliveries
 
     database = _database(args)
     with database.session() as session:
-        query = select(Delivery.id).join(ResultObject, ResultObject.id == Delivery.result_id)
-        if args.job is not None:
-            query = query.where(ResultObject.job_id == args.job)
-        elif args.study:
-            query = query.join(Job, Job.id == ResultObject.job_id).where(Job.study_instance_uid == args.study)
+        count = resend_deliveries(session, "cli", job_id=args.job, study_uid=args.study,
+                                  failed=args.failed)
+    print(f"{count} deliveries queued again; the running node sends them within a second")
+    return 0 if count else 1
+
+
+def _users(args) -> int:
+    from dicom_ai_node.web import users
+
+    database = _database(args)
+    if args.action == "list":
+        with database.session() as session:
+            for user in users.list_users(session):
+                print(f"{user.name:24} {user.role}")
+        return 0
+    if args.action == "add":
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\n")
         else:
-            query = query.where(Delivery.state == "failed")
-        ids = list(session.scalars(query))
-        if ids:
-            session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(
-                state="pending", attempts=0, next_attempt_at=utcnow(), last_error=None))
-            job_ids = select(ResultObject.job_id).join(Delivery, Delivery.result_id == ResultObject.id) \
-                .where(Delivery.id.in_(ids))
-            session.execute(update(Job).where(Job.id.in_(job_ids)).values(
-                state=JobState.delivering, reason=None, finished_at=None))
-            target = f"job {args.job}" if args.job is not None else (
-                f"study {args.study}" if args.study else "all failed deliveries")
-            audit.record(session, "cli", "deliveries.resend", target, deliveries=len(ids))
-    print(f"{len(ids)} deliveries queued again; the running node sends them within a second")
-    return 0 if ids else 1
+            import getpass
+
+            password = getpass.getpass(f"password for {args.name}: ")
+            if getpass.getpass("again: ") != password:
+                print("the passwords differ", file=sys.stderr)
+                return 1
+        try:
+            with database.session() as session:
+                users.create_user(session, args.name, password, args.role, actor="cli")
+        except users.UserError as error:
+            print(error, file=sys.stderr)
+            return 1
+        print(f"user {args.name} ({args.role}) created")
+        return 0
+    try:
+        with database.session() as session:
+            token = users.create_token(session, args.name, args.label, actor="cli")
+    except users.UserError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(token)  # shown once: only its hash is stored
+    return 0
 
 
 def _models(args) -> int:

@@ -61,6 +61,17 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The admin page and REST API, served inside `dicom-ai-node serve`."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback by default: put a TLS reverse proxy in front to open it up
+    port: int = 8080
+    session_secret_file: Path | None = None  # default: <storage_dir>/web-secret.key, made at start
+    session_hours: float = 12.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     node: NodeConfig
@@ -71,6 +82,7 @@ class Config:
     model_paths: tuple[Path, ...]
     destinations: tuple[DestinationConfig, ...]
     rules: list = field(default_factory=list)  # raw [[rules]] tables, parsed by dicom_ai_node.routing
+    web: WebConfig = field(default_factory=WebConfig)
 
     def destination(self, name: str) -> DestinationConfig:
         for destination in self.destinations:
@@ -146,7 +158,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     read = _Reader(path)
     read.unknown_keys(tree, {"node", "database", "completion", "workers", "models",
-                             "destinations", "rules"}, "")
+                             "destinations", "rules", "web"}, "")
 
     raw = read.get(tree, "node", "", dict, default={})
     read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
@@ -249,6 +261,19 @@ def load_config(path: str | Path) -> Config:
 
     rules = read.get(tree, "rules", "", list, default=[])
 
+    raw = read.get(tree, "web", "", dict, default={})
+    read.unknown_keys(raw, {"enabled", "host", "port", "session_secret_file", "session_hours"}, "web")
+    secret_file = read.get(raw, "session_secret_file", "web", str, default=None)
+    web = WebConfig(
+        enabled=read.get(raw, "enabled", "web", bool, True),
+        host=read.get(raw, "host", "web", str, "127.0.0.1"),
+        port=read.get(raw, "port", "web", int, 8080, lambda p: 0 < p < 65536,
+                      "must be a TCP port 1..65535"),
+        session_secret_file=read.resolve(secret_file) if secret_file else None,
+        session_hours=read.get(raw, "session_hours", "web", float, 12.0, lambda v: v > 0,
+                               "must be > 0"),
+    )
+
     storage_override = os.environ.get("DICOM_AI_NODE_STORAGE_DIR")
     if storage_override:
         node = NodeConfig(**{**node.__dict__, "storage_dir": Path(storage_override)})
@@ -256,4 +281,4 @@ def load_config(path: str | Path) -> Config:
 
     return Config(path=path, node=node, database_url=database_url, quiet_period_s=quiet,
                   workers=workers, executor=executor, model_paths=tuple(model_paths),
-                  destinations=tuple(destinations), rules=rules)
+                  destinations=tuple(destinations), rules=rules, web=web)

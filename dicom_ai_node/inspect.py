@@ -8,19 +8,39 @@ from sqlalchemy.orm import Session
 from dicom_ai_node.db.models import Instance, Job, RoutingDecision, Series, Study
 
 
-def list_studies(session: Session, limit: int = 50) -> list[dict]:
+def list_studies(session: Session, limit: int = 50, offset: int = 0, *, state: str | None = None,
+                 patient_id: str | None = None, text: str | None = None, job_state: str | None = None,
+                 model: str | None = None) -> list[dict]:
+    """Newest first. Filters: study state, exact patient ID, text in the patient name, study
+    description, accession number or Study UID, and studies with a job in a state / of a model."""
     instance_counts = (select(Series.study_instance_uid, func.count(Instance.sop_instance_uid).label("n"))
                        .join(Instance, Instance.series_instance_uid == Series.series_instance_uid)
                        .group_by(Series.study_instance_uid).subquery())
-    rows = session.execute(select(Study, instance_counts.c.n)
-                           .join(instance_counts, instance_counts.c.study_instance_uid == Study.study_instance_uid)
-                           .order_by(Study.last_received_at.desc()).limit(limit)).all()
+    query = (select(Study, instance_counts.c.n)
+             .join(instance_counts, instance_counts.c.study_instance_uid == Study.study_instance_uid))
+    if state:
+        query = query.where(Study.state == state)
+    if patient_id:
+        query = query.where(Study.patient_id == patient_id)
+    if text:
+        pattern = f"%{text}%"
+        query = query.where(Study.patient_name.ilike(pattern) | Study.study_description.ilike(pattern)
+                            | Study.accession_number.ilike(pattern) | Study.study_instance_uid.ilike(pattern))
+    if job_state or model:
+        jobs = select(Job.study_instance_uid)
+        if job_state:
+            jobs = jobs.where(Job.state == job_state)
+        if model:
+            jobs = jobs.where(Job.model_name == model)
+        query = query.where(Study.study_instance_uid.in_(jobs))
+    rows = session.execute(query.order_by(Study.last_received_at.desc()).limit(limit).offset(offset)).all()
     studies = []
     for study, count in rows:
         jobs = session.scalars(select(Job.state).where(Job.study_instance_uid == study.study_instance_uid)).all()
         studies.append({
             "study_instance_uid": study.study_instance_uid, "state": study.state,
-            "patient_id": study.patient_id, "study_date": study.study_date,
+            "patient_id": study.patient_id, "patient_name": study.patient_name,
+            "study_date": study.study_date,
             "description": study.study_description, "instances": count,
             "last_received_at": study.last_received_at,
             "jobs": {state.value: list(jobs).count(state) for state in set(jobs)},
@@ -28,16 +48,27 @@ def list_studies(session: Session, limit: int = 50) -> list[dict]:
     return studies
 
 
-def study_detail(session: Session, study_uid: str) -> dict | None:
+def study_detail(session: Session, study_uid: str, with_instances: bool = False) -> dict | None:
+    """Everything about one study; `with_instances` adds each series' instances."""
     study = session.get(Study, study_uid)
     if study is None:
         return None
     series = []
     for item in study.series:
         count = session.scalar(select(func.count()).where(Instance.series_instance_uid == item.series_instance_uid))
-        series.append({"series_instance_uid": item.series_instance_uid, "number": item.series_number,
-                       "modality": item.modality, "description": item.series_description,
-                       "instances": count})
+        entry = {"series_instance_uid": item.series_instance_uid, "number": item.series_number,
+                 "modality": item.modality, "description": item.series_description,
+                 "instances": count, "is_result": item.is_result}
+        if with_instances:
+            instances = session.scalars(select(Instance).where(
+                Instance.series_instance_uid == item.series_instance_uid)
+                .order_by(Instance.instance_number, Instance.sop_instance_uid)).all()
+            entry["instance_list"] = [{
+                "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
+                "instance_number": i.instance_number, "transfer_syntax_uid": i.transfer_syntax_uid,
+                "size_bytes": i.size_bytes, "calling_ae_title": i.calling_ae_title,
+                "received_at": i.received_at} for i in instances]
+        series.append(entry)
     decisions = session.scalars(select(RoutingDecision).where(RoutingDecision.study_instance_uid == study_uid)
                                 .order_by(RoutingDecision.evaluation, RoutingDecision.id)).all()
     jobs = session.scalars(select(Job).where(Job.study_instance_uid == study_uid).order_by(Job.id)).all()
@@ -57,7 +88,7 @@ def study_detail(session: Session, study_uid: str) -> dict | None:
             "state": job.state.value, "reason": job.reason, "attempts": job.attempts,
             "timings": job.timings, "created_at": job.created_at, "finished_at": job.finished_at,
             "results": [{
-                "kind": result.kind, "sop_instance_uid": result.sop_instance_uid,
+                "id": result.id, "kind": result.kind, "sop_instance_uid": result.sop_instance_uid,
                 "series_instance_uid": result.series_instance_uid, "path": result.path,
                 "deliveries": [{"id": d.id, "destination": d.destination, "state": d.state,
                                 "attempts": d.attempts, "last_error": d.last_error,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from model_zoo import registry
@@ -38,12 +39,18 @@ class ModelRegistry:
         self.manifests, self.problems = find_manifests([BUNDLED, *extra_folders])
         for problem in self.problems:
             log.warning("model not installed: %s", problem)
+        # set by the node to the admin page's "disabled models" table: a disabled model's
+        # jobs fail with "not installed or is disabled" instead of running
+        self.is_disabled: Callable[[str], bool] = lambda name: False
 
     @property
     def names(self) -> set[str]:
         return set(self.manifests)
 
     def manifest(self, name: str) -> Manifest | None:
+        """The model's manifest; None when it is not installed or an admin disabled it."""
+        if self.is_disabled(name):
+            return None
         return self.manifests.get(name)
 
     def load(self, manifest: Manifest) -> Model:

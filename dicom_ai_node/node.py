@@ -13,6 +13,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_ai_node.completion import CompletionTimers
 from dicom_ai_node.config import Config
 from dicom_ai_node.db.engine import Database
+from dicom_ai_node.db.models import DisabledModel
+from dicom_ai_node.deliver.destinations import DestinationStore
 from dicom_ai_node.deliver.outbox import Outbox
 from dicom_ai_node.jobs.executor import LocalExecutor
 from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
@@ -37,9 +39,11 @@ class Node:
         self.database = Database(config.database_url)
         self.storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
         self.models = ModelRegistry(config.model_paths)
+        self.models.is_disabled = self._model_disabled
         self.rules = RuleStore(self.database)
+        self.destinations = DestinationStore(self.database)
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.outbox = Outbox(config, self.database, self.storage)
+        self.outbox = Outbox(config, self.database, self.storage, lookup=self.destinations.get)
         self.runner = JobRunner(self.database, self.storage, self.models,
                                 on_results=self._kick_outbox)
         self.executor = LocalExecutor(self.runner.run, config.workers)
@@ -50,9 +54,11 @@ class Node:
         on_release = self.completion.association_released if config.node.complete_on_release else None
         self.scp = StorageSCP(config.node, self.database, self.storage,
                               on_instance=self.completion.instance_stored, on_release=on_release)
+        self.web = None  # the admin page and API (dicom_ai_node/web), started last
 
     def start(self) -> None:
         self.database.upgrade()
+        self.destinations.seed_from_config(self.config.destinations)
         self._load_rules()
         self.scheduler.start()
         self.scheduler.add_job(self.outbox.process_due, "interval", seconds=OUTBOX_INTERVAL_S,
@@ -61,6 +67,27 @@ class Node:
             self.executor.submit(job_id)
         self.completion.resume()
         self.scp.start()
+        if self.config.web.enabled:
+            self._start_web()
+
+    def _start_web(self) -> None:
+        from dicom_ai_node.web.context import WebContext, load_secret
+        from dicom_ai_node.web.server import WebServer
+
+        web = self.config.web
+        secret = load_secret(web.session_secret_file or self.config.node.storage_dir / "web-secret.key")
+        context = WebContext(config=self.config, database=self.database, rules=self.rules, models=self.models,
+                             destinations=self.destinations, secret=secret, submit_job=self.executor.submit,
+                             kick_outbox=self._kick_outbox, ready=self._ready)
+        self.web = WebServer(context)
+        self.web.start()
+
+    def _ready(self) -> dict[str, bool]:
+        return {"dicom_listener": self.scp._server is not None, "scheduler": self.scheduler.running}
+
+    def _model_disabled(self, name: str) -> bool:
+        with self.database.session() as session:
+            return session.get(DisabledModel, name) is not None
 
     def _load_rules(self) -> None:
         try:
@@ -69,8 +96,7 @@ class Node:
                 version, rule_set = self.rules.active(session)
         except RuleError as error:
             raise StartupError(f"{self.config.path}: [[rules]]: {error}") from None
-        problems = check_rules(rule_set, self.models.names,
-                               {d.name for d in self.config.destinations})
+        problems = check_rules(rule_set, self.models.names, self.destinations.names())
         if problems:
             raise StartupError(f"rule set version {version} refers to things this node lacks:\n  "
                                + "\n  ".join(problems))
@@ -81,6 +107,8 @@ class Node:
         self.scheduler.add_job(self.outbox.process_due, misfire_grace_time=None)
 
     def stop(self) -> None:
+        if self.web is not None:
+            self.web.stop()
         self.scp.stop()
         self.scheduler.shutdown(wait=False)
         self.executor.shutdown()

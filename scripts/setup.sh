@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb dicom3tools python3-venv)
+# chromium: the browser tests drive Debian's build through Playwright (no downloaded browser)
+APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb dicom3tools python3-venv chromium)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -26,13 +26,17 @@ class NodeProcess:
                  destination_ae: str = "ORTHANC", rules: str = "", quiet_period_s: float = 1.0,
                  allowed_callers: str = '{ ae_title = "STORESCU" }, { ae_title = "ECHOSCU" }',
                  node_extra: str = "", database_url: str | None = None, max_attempts: int = 3,
-                 backoff_s: float = 0.5):
+                 backoff_s: float = 0.5, web: bool = False):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.config_path = self.workdir / "config.toml"
         self.log_path = self.workdir / "node.log"
         self.database_url = database_url or f"sqlite:///{self.workdir / 'node.db'}"
+        # the admin page: off unless asked for, so parallel nodes never fight over port 8080
+        self.web_port = free_port() if web else None
+        self.web_url = f"http://127.0.0.1:{self.web_port}" if web else None
+        web_section = (f"[web]\nport = {self.web_port}\n" if web else "[web]\nenabled = false\n")
         destination = ""
         if destination_port:
             destination = (f'[[destinations]]\nname = "pacs"\nae_title = "{destination_ae}"\n'
@@ -56,6 +60,8 @@ url = "{self.database_url}"
 [completion]
 quiet_period_s = {quiet_period_s}
 
+{web_section}
+
 {destination}
 {rules}
 """)
@@ -72,7 +78,8 @@ quiet_period_s = {quiet_period_s}
         def ready():
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
-            return _port_open("127.0.0.1", self.port)
+            return _port_open("127.0.0.1", self.port) and (
+                self.web_port is None or _port_open("127.0.0.1", self.web_port))
 
         wait_for(ready, timeout=timeout, what=f"node listening on port {self.port}")
         return self

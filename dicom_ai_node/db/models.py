@@ -188,3 +188,72 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+# ---- administration (web page and REST API; migration 0002)
+
+
+class WebUser(Base):
+    """A local user of the admin page and API; role "admin" may change things, "viewer" may not."""
+
+    __tablename__ = "web_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))  # scrypt$n$r$p$salt$hash
+    role: Mapped[str] = mapped_column(String(16))  # admin | viewer
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebSession(Base):
+    """A login session; the cookie holds a random token, the table only its SHA-256."""
+
+    __tablename__ = "web_session"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("web_user.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+
+class ApiToken(Base):
+    """A token for scripts (Authorization: Bearer); only its SHA-256 is stored."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("web_user.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    label: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+
+
+class DestinationRow(Base):
+    """A delivery destination. Seeded from config.toml [[destinations]] at start, then edited
+    on the admin page; the outbox looks destinations up here."""
+
+    __tablename__ = "destination"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    backoff_s: Mapped[float] = mapped_column(Float, default=2.0)
+    timeout_s: Mapped[float] = mapped_column(Float, default=30.0)
+    tls: Mapped[dict | None] = mapped_column(JSON)  # {cert_file, key_file, ca_file} from config only
+    # what config.toml said when this row was last seeded: a changed config entry wins at start
+    config_values: Mapped[dict | None] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DisabledModel(Base):
+    """Models an admin switched off; the job runner refuses them (ModelRegistry.manifest)."""
+
+    __tablename__ = "disabled_model"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    disabled_by: Mapped[str] = mapped_column(String(64))
+    disabled_at: Mapped[datetime] = mapped_column(default=utcnow)

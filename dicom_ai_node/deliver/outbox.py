@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from dicom_ai_node.config import Config
+from dicom_ai_node import audit
+from dicom_ai_node.config import Config, DestinationConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, utcnow
 from dicom_ai_node.deliver.dimse import send_files
@@ -21,10 +23,14 @@ BATCH = 200  # objects per association; a 400-slice derived series goes in two
 
 
 class Outbox:
-    def __init__(self, config: Config, database: Database, storage: Storage):
+    def __init__(self, config: Config, database: Database, storage: Storage,
+                 lookup: Callable[[str], DestinationConfig] | None = None):
         self.config = config
         self.database = database
         self.storage = storage
+        # where destinations are looked up (KeyError when unknown): the node passes the
+        # database's DestinationStore.get so edits on the admin page apply at the next send
+        self.lookup = lookup or config.destination
         self._lock = threading.Lock()
 
     def process_due(self) -> int:
@@ -56,7 +62,7 @@ class Outbox:
         if not due:
             return 0
         try:
-            destination = self.config.destination(destination_name)
+            destination = self.lookup(destination_name)
         except KeyError:
             outcomes = {delivery_id: (False, f"destination {destination_name!r} is not configured")
                         for delivery_id, _ in due}
@@ -75,7 +81,7 @@ class Outbox:
 
     def _record(self, destination_name: str, outcomes: dict[int, tuple[bool, str]]) -> None:
         try:
-            destination = self.config.destination(destination_name)
+            destination = self.lookup(destination_name)
             max_attempts, backoff_s = destination.max_attempts, destination.backoff_s
         except KeyError:
             max_attempts, backoff_s = 1, 0.0
@@ -100,6 +106,36 @@ class Outbox:
                             len(outcomes), destination_name, failures[0])
             for job_id in job_ids:
                 update_job_after_delivery(session, session.get(Job, job_id))
+
+
+def resend_deliveries(session, actor: str, *, job_id: int | None = None, study_uid: str | None = None,
+                      delivery_ids: list[int] | None = None, failed: bool = False) -> int:
+    """Put deliveries back to pending (every one of a job, of a study, the listed ones, or every
+    failed one) and their jobs back to delivering; audited. Returns how many were queued."""
+    query = select(Delivery.id).join(ResultObject, ResultObject.id == Delivery.result_id)
+    if job_id is not None:
+        query, target = query.where(ResultObject.job_id == job_id), f"job {job_id}"
+    elif study_uid is not None:
+        query = query.join(Job, Job.id == ResultObject.job_id).where(Job.study_instance_uid == study_uid)
+        target = f"study {study_uid}"
+    elif delivery_ids is not None:
+        query = query.where(Delivery.id.in_(delivery_ids))
+        target = "delivery " + ", ".join(map(str, delivery_ids))
+    elif failed:
+        query, target = query.where(Delivery.state == "failed"), "all failed deliveries"
+    else:
+        raise ValueError("say which deliveries to resend")
+    ids = list(session.scalars(query))
+    if not ids:
+        return 0
+    session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(
+        state="pending", attempts=0, next_attempt_at=utcnow(), last_error=None))
+    job_ids = select(ResultObject.job_id).join(Delivery, Delivery.result_id == ResultObject.id) \
+        .where(Delivery.id.in_(ids))
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(
+        state=JobState.delivering, reason=None, finished_at=None))
+    audit.record(session, actor, "deliveries.resend", target, deliveries=len(ids))
+    return len(ids)
 
 
 def update_job_after_delivery(session, job: Job) -> None:

@@ -75,6 +75,7 @@ class JobRunner:
                 return None
             job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, utcnow()
             paths = [self.storage.absolute(i.path) for i in instances]
+            session.flush()  # write the claim before the job leaves this session
             session.expunge(job)
         return job, paths
 

@@ -67,8 +67,9 @@ def classical_lung_labels(hu: np.ndarray, voxel_ml: float) -> np.ndarray:
     HU < -400 -> 6-connected components -> drop components touching the anterior edge (row 0)
     of any slice (air in front of the patient; the training crops cut the lungs at the lateral
     and posterior edges, so only the anterior edge is used) -> keep components of at least
-    100 mL (drops bowel gas and small airway fragments) -> 3x3x3 closing (fills small vessels).
-    Known flaw: the trachea and main bronchi stay attached to the lungs.
+    100 mL (drops bowel gas and small airway fragments) -> 3x3x3 closing (fills small vessels)
+    -> remove airway lumen: connected regions of at least 5 mL whose 3x3x3 mean is below
+    -950 HU, dilated by one voxel (trachea, main bronchi; would also remove large bullae).
     """
     import torch
     import torch.nn.functional as F
@@ -82,4 +83,12 @@ def classical_lung_labels(hu: np.ndarray, voxel_ml: float) -> np.ndarray:
     keep = [i for i, c in zip(ids, counts) if c * voxel_ml >= 100 and i not in outside]
     lung = torch.from_numpy(np.isin(labels, keep).astype(np.float32))[None, None]
     closed = -F.max_pool3d(-F.max_pool3d(lung, 3, 1, 1), 3, 1, 1)  # dilation then erosion
-    return closed[0, 0].numpy() > 0
+    lung = closed[0, 0].numpy() > 0
+    # airway lumen (trachea, main bronchi): regions >= 5 mL whose 3x3x3 mean is below -950 HU
+    smooth = F.avg_pool3d(torch.from_numpy(hu.astype(np.float32))[None, None], 3, 1, 1,
+                          count_include_pad=False)[0, 0].numpy()
+    dark = label_components(smooth < -950)
+    ids, counts = np.unique(dark[dark > 0], return_counts=True)
+    airway = np.isin(dark, ids[counts * voxel_ml >= 5])
+    airway = F.max_pool3d(torch.from_numpy(airway.astype(np.float32))[None, None], 3, 1, 1)[0, 0].numpy() > 0
+    return lung & ~airway

@@ -6,7 +6,8 @@ Pipeline (``LungSegmentation.predict``):
    bounded by the output), clip and scale HU to about [-1, 1].
 2. Run the UNet with ``sliding_window_inference`` over fixed-size windows, so memory stays
    bounded whatever the number of slices.
-3. Keep the largest connected component(s) of the coarse lung probability (left and right lungs
+3. Zero the probability in air outside the patient (classical guard, see ``outside_air``), keep
+   the largest connected component(s) of the coarse lung probability (left and right lungs
    may be separate components), zero the rest.
 4. Upsample the probability back onto the input grid exactly (trilinear, half-voxel-centred
    geometry that inverts the area downsampling), slab by slab, threshold at 0.5, and compute the
@@ -66,11 +67,12 @@ def _axis_weights(n_out: int, n_in: int, start: int = 0, stop: int | None = None
     return low, high, (pos - low).astype(np.float32)
 
 
-def label_components(mask: np.ndarray) -> np.ndarray:
+def label_components(mask: np.ndarray, join_axes=(0, 1)) -> np.ndarray:
     """6-connected component labels (0 = background; ids are arbitrary positive integers).
 
-    Runs of foreground along the last axis are the nodes; runs touching across the other two
-    axes are joined by union-find with pointer jumping, all vectorised in numpy (no scipy).
+    Runs of foreground along the last axis are the nodes; runs touching across ``join_axes``
+    are joined by union-find with pointer jumping, all vectorised in numpy (no scipy).
+    ``join_axes=(1,)`` gives 2D (4-connected) components per slice.
     """
     mask = np.ascontiguousarray(mask, dtype=bool)
     starts = mask.copy()
@@ -80,12 +82,12 @@ def label_components(mask: np.ndarray) -> np.ndarray:
     if count == 0:
         return runs
     pairs = []
-    for axis in (0, 1):
+    for axis in join_axes:
         a = runs[(slice(None),) * axis + (slice(1, None),)]
         b = runs[(slice(None),) * axis + (slice(None, -1),)]
         touch = (a > 0) & (b > 0)
         pairs.append(np.unique(a[touch] * (count + 1) + b[touch]))
-    pairs = np.concatenate(pairs)
+    pairs = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
     u, v = pairs // (count + 1), pairs % (count + 1)
     parent = np.arange(count + 1, dtype=np.int64)
     while True:
@@ -100,6 +102,18 @@ def label_components(mask: np.ndarray) -> np.ndarray:
                 break
             parent = grand
     return parent[runs]
+
+
+def outside_air(hu: np.ndarray) -> np.ndarray:
+    """Air outside the patient: per axial slice, air regions (< -400 HU) touching the image edge.
+
+    Slice by slice (2D), so that airways opening to the outside (mouth, nose) in head/neck
+    slices do not connect outside air to the lungs. Assumes the usual full field of view in
+    which the lungs never touch the image edge.
+    """
+    labels = label_components(hu < -400, join_axes=(1,))
+    edge = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(), labels[:, :, [0, -1]].ravel()]))
+    return np.isin(labels, edge[edge > 0])
 
 
 def keep_lung_components(mask: np.ndarray, min_fraction: float = 0.1, max_components: int = 2):
@@ -126,10 +140,12 @@ class LungSegmentation:
     @torch.inference_mode()
     def coarse_probability(self, pixels: np.ndarray, spacing) -> np.ndarray:
         """Lung probability on the coarse grid, after connected-component cleanup."""
-        image = normalise_hu(downsample(pixels, spacing)).to(self.device)
+        hu = downsample(pixels, spacing)
+        image = normalise_hu(hu).to(self.device)
         logits = sliding_window_inference(image, roi_size=ROI, sw_batch_size=1, predictor=self.network,
                                           overlap=0.25, mode="gaussian")
         probability = torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+        probability[outside_air(hu[0, 0].numpy())] = 0.0
         keep = keep_lung_components(probability > 0.5)
         # keep the soft edge just outside the kept components so the upsampled border stays smooth
         grown = F.max_pool3d(torch.from_numpy(keep.astype(np.float32))[None, None], 3, 1, 1)[0, 0].numpy() > 0

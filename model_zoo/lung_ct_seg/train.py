@@ -68,10 +68,16 @@ def make_phantom(rng: np.random.Generator):
     # trachea (not lung) above the carina, bowel gas (not lung) below the diaphragm
     trachea = (np.hypot(y - cy + 0.2 * a, x) < rng.uniform(7, 11)) & (z > z_top - rng.uniform(60, 100)) & body
     hu[trachea & ~label] = -1000
-    for _ in range(int(rng.integers(0, 8))):
-        c = [rng.uniform(0, max(z_base, 1.0)), rng.uniform(-a, a) + cy, rng.uniform(-b, b)]
-        blob = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < rng.uniform(8, 30) ** 2
-        hu[blob & body & ~fat & ~label] = -1000
+    for _ in range(int(rng.integers(2, 12))):  # bowel gas: chains of balls, some with mottled stool
+        c = np.array([rng.uniform(0, max(z_base + 40, 1.0)), rng.uniform(-a, a) + cy, rng.uniform(-b, b)])
+        step = rng.normal(0, 1, 3)
+        gas = np.zeros((d, h, w), bool)
+        for _ in range(int(rng.integers(1, 7))):
+            gas |= ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < rng.uniform(8, 25) ** 2
+            c = c + 20 * step / np.linalg.norm(step)
+            step = step + rng.normal(0, 0.7, 3)
+        gas &= body & ~fat & ~label
+        hu[gas] = np.where(rng.random(gas.sum()) < rng.uniform(0.6, 1.0), -1000.0, rng.uniform(-200, 100))
     hu = F.avg_pool3d(torch.from_numpy(hu.astype(np.float32))[None, None], 3, 1, 1,
                       count_include_pad=False)[0, 0].numpy()  # partial-volume blur
     return hu.astype(np.float32), label

@@ -1,0 +1,81 @@
+"""Destinations: where results go (C-STORE), with a C-ECHO test."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Response
+from pydantic import BaseModel, Field
+
+from dicom_ai_node.db.models import DestinationRow
+from dicom_ai_node.deliver.destinations import list_destinations, to_json
+from dicom_ai_node.web import actions
+from dicom_ai_node.web.api.common import ADMIN_ERRORS, ERRORS, http_errors
+from dicom_ai_node.web.auth import Admin, Context, User
+
+router = APIRouter(tags=["destinations"], responses=ERRORS)
+
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+AE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]*[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]*$"  # ASCII, no backslash, not blank
+Name = Annotated[str, Path(pattern=NAME_PATTERN)]
+
+
+class DestinationFields(BaseModel):
+    ae_title: str = Field(min_length=1, max_length=16, pattern=AE_PATTERN)
+    host: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = Field(None, min_length=1, max_length=16, pattern=AE_PATTERN)
+    max_attempts: int = Field(5, ge=1, le=100)
+    backoff_s: float = Field(2.0, ge=0, le=86400)
+    timeout_s: float = Field(30.0, gt=0, le=600)
+
+
+class NewDestination(DestinationFields):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class EchoResult(BaseModel):
+    ok: bool
+    message: str
+
+
+@router.get("/destinations")
+def destinations(ctx: Context, _user: User) -> list[dict[str, Any]]:
+    with ctx.database.session() as session:
+        return [to_json(row) for row in list_destinations(session)]
+
+
+@router.get("/destinations/{name}", responses={404: {"description": "no such destination"}})
+def destination(ctx: Context, _user: User, name: Name) -> dict[str, Any]:
+    with ctx.database.session() as session:
+        row = session.get(DestinationRow, name)
+        if row is None:
+            raise HTTPException(404, f"no destination {name!r}")
+        return to_json(row)
+
+
+@router.post("/destinations", status_code=201, responses=ADMIN_ERRORS)
+def create(ctx: Context, user: Admin, body: NewDestination) -> dict[str, Any]:
+    with http_errors(), ctx.database.session() as session:
+        return to_json(actions.save_destination(session, body.name, body.model_dump(), user.name, create=True))
+
+
+@router.put("/destinations/{name}", responses=ADMIN_ERRORS)
+def update(ctx: Context, user: Admin, name: Name, body: DestinationFields) -> dict[str, Any]:
+    with http_errors(), ctx.database.session() as session:
+        return to_json(actions.save_destination(session, name, body.model_dump(), user.name, create=False))
+
+
+@router.delete("/destinations/{name}", status_code=204, responses=ADMIN_ERRORS,
+               summary="Delete a destination no rule uses")
+def delete(ctx: Context, user: Admin, name: Name) -> Response:
+    with http_errors(), ctx.database.session() as session:
+        actions.delete_destination(ctx, session, name, user.name)
+    return Response(status_code=204)
+
+
+@router.post("/destinations/{name}/echo", responses=ADMIN_ERRORS, summary="C-ECHO the destination now")
+def echo(ctx: Context, user: Admin, name: Name) -> EchoResult:
+    with http_errors():
+        ok, message = actions.echo_destination(ctx, name, user.name)
+    return EchoResult(ok=ok, message=message)

@@ -1,0 +1,98 @@
+"""Who is asking, and may they: FastAPI dependencies for the API and the pages.
+
+Two ways in: a login session (cookie, for the pages and the browser) or an API token
+(`Authorization: Bearer ...`, for scripts). Cookie-authenticated requests that change
+something must carry the CSRF token (form field `csrf_token` or header `X-CSRF-Token`),
+which is an HMAC of the session token, so another site cannot forge them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Form, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from dicom_ai_node.web import users
+from dicom_ai_node.web.context import WebContext
+from dicom_ai_node.web.users import Principal
+
+SESSION_COOKIE = "dan_session"
+CSRF_HEADER = "X-CSRF-Token"
+
+bearer = HTTPBearer(auto_error=False, description="API token from `dicom-ai-node users token NAME`")
+
+
+class LoginRequired(Exception):
+    """A page was asked for without a login: the app redirects to /login."""
+
+
+def context(request: Request) -> WebContext:
+    return request.app.state.context
+
+
+def csrf_for(ctx: WebContext, session_token: str) -> str:
+    return hmac.new(ctx.secret, session_token.encode(), hashlib.sha256).hexdigest()
+
+
+def principal(request: Request,
+              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None
+              ) -> Principal | None:
+    """The user behind this request, or None. A bearer token wins over a cookie."""
+    ctx = context(request)
+    with ctx.database.session() as session:
+        if credentials is not None:
+            return users.principal_for_token(session, credentials.credentials)
+        token = request.cookies.get(SESSION_COOKIE)
+        if token:
+            found = users.principal_for_session(session, token)
+            if found is not None:
+                request.state.csrf = csrf_for(ctx, token)
+            return found
+    return None
+
+
+def api_user(who: Annotated[Principal | None, Depends(principal)]) -> Principal:
+    if who is None:
+        raise HTTPException(401, "log in or send Authorization: Bearer <token>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return who
+
+
+def api_admin(request: Request, who: Annotated[Principal, Depends(api_user)]) -> Principal:
+    """An admin; with a session cookie the X-CSRF-Token header must match too."""
+    if not who.is_admin:
+        raise HTTPException(403, "this needs the admin role (you are a viewer)")
+    if who.via == "session" and not _csrf_ok(request, request.headers.get(CSRF_HEADER)):
+        raise HTTPException(403, f"missing or wrong {CSRF_HEADER} header")
+    return who
+
+
+def page_user(who: Annotated[Principal | None, Depends(principal)]) -> Principal:
+    if who is None:
+        raise LoginRequired()
+    return who
+
+
+def page_admin(request: Request, who: Annotated[Principal, Depends(page_user)],
+               csrf_token: Annotated[str, Form()] = "") -> Principal:
+    """For page forms that change something: admin role and the form's CSRF token."""
+    if not who.is_admin:
+        raise HTTPException(403, "this needs the admin role (you are a viewer)")
+    if not _csrf_ok(request, csrf_token):
+        raise HTTPException(403, "the form's CSRF token is missing or wrong; reload the page")
+    return who
+
+
+def _csrf_ok(request: Request, presented: str | None) -> bool:
+    expected = getattr(request.state, "csrf", None)
+    return bool(expected and presented and hmac.compare_digest(expected, presented))
+
+
+User = Annotated[Principal, Depends(api_user)]
+Admin = Annotated[Principal, Depends(api_admin)]
+PageUser = Annotated[Principal, Depends(page_user)]
+PageAdmin = Annotated[Principal, Depends(page_admin)]
+Context = Annotated[WebContext, Depends(context)]

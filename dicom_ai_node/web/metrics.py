@@ -1,0 +1,74 @@
+"""Prometheus metrics, read from the database at scrape time.
+
+Counting from the rows (not in-memory counters) keeps the numbers right across restarts and
+lets several processes share one database; a scrape costs a few aggregate queries.
+"""
+
+from __future__ import annotations
+
+from datetime import timezone
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import func, select
+
+from dicom_ai_node.db.engine import Database
+from dicom_ai_node.db.models import Delivery, Instance, Job, JobState, Series, Study
+
+DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+PREFIX = "dicom_ai_node"
+
+
+class NodeCollector:
+    def __init__(self, database: Database):
+        self.database = database
+
+    def collect(self):
+        with self.database.session() as session:
+            count, size = session.execute(
+                select(func.count(Instance.sop_instance_uid), func.coalesce(func.sum(Instance.size_bytes), 0))
+                .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+                .where(Series.is_result.is_(False))).one()
+            yield CounterMetricFamily(f"{PREFIX}_instances_received", "DICOM instances received and stored",
+                                      value=count)
+            yield CounterMetricFamily(f"{PREFIX}_received_bytes", "bytes of DICOM instances received",
+                                      value=int(size))
+            completed = session.scalar(select(func.count()).where(Study.completed_at.is_not(None)))
+            yield CounterMetricFamily(f"{PREFIX}_studies_completed", "studies that completed and were routed",
+                                      value=completed)
+
+            by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "jobs by state", labels=["state"])
+            for state in JobState:
+                jobs.add_metric([state.value], by_state.get(state, 0))
+            yield jobs
+
+            durations = session.execute(select(Job.started_at, Job.finished_at).where(
+                Job.state == JobState.done, Job.started_at.is_not(None), Job.finished_at.is_not(None))).all()
+            yield _histogram([(_utc(end) - _utc(start)).total_seconds() for start, end in durations])
+
+            failed = session.scalar(select(func.count()).where(Delivery.state == "failed"))
+            yield CounterMetricFamily(f"{PREFIX}_delivery_failures", "deliveries given up after all retries",
+                                      value=failed)
+            pending = session.scalar(select(func.count()).where(Delivery.state == "pending"))
+            queue = GaugeMetricFamily(f"{PREFIX}_queue_depth", "work waiting", labels=["queue"])
+            queue.add_metric(["jobs"], by_state.get(JobState.queued, 0))
+            queue.add_metric(["deliveries"], pending)
+            yield queue
+
+
+def _utc(moment):
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _histogram(values: list[float]) -> HistogramMetricFamily:
+    buckets = [(str(float(bound)), sum(1 for v in values if v <= bound)) for bound in DURATION_BUCKETS]
+    buckets.append(("+Inf", len(values)))
+    return HistogramMetricFamily(f"{PREFIX}_job_duration_seconds", "time from start to done of done jobs",
+                                 buckets=buckets, sum_value=sum(values))
+
+
+def render(database: Database) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(database))
+    return generate_latest(registry)

@@ -1,0 +1,331 @@
+"""The admin pages: server-rendered HTML (Jinja2, autoescape on: DICOM text such as patient
+names is shown escaped everywhere). Forms post back here with a CSRF token and redirect."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timezone
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from dicom_ai_node import inspect
+from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, RuleSetVersion, utcnow
+from dicom_ai_node.deliver.destinations import list_destinations, to_json
+from dicom_ai_node.web import actions, rules_editing, users
+from dicom_ai_node.web.actions import NotFound, Refused
+from dicom_ai_node.web.api.audit import audit_events
+from dicom_ai_node.web.api.destinations import DestinationFields
+from dicom_ai_node.web.api.models import models_json
+from dicom_ai_node.web.auth import SESSION_COOKIE, Context, PageAdmin, PageUser, _csrf_ok
+from dicom_ai_node.web.rules_editing import RulesInvalid
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                                            autoescape=True))
+LOGIN_CSRF_COOKIE = "dan_login_csrf"
+
+
+def _when(moment) -> str:
+    if moment is None:
+        return ""
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(moment) -> str:
+    if moment is None:
+        return ""
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    seconds = int((utcnow() - moment).total_seconds())
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60} min ago" if seconds < 7200 else _when(moment)
+
+
+templates.env.filters["when"] = _when
+templates.env.filters["ago"] = _ago
+
+
+def render(request: Request, name: str, user, **values) -> HTMLResponse:
+    values.update(user=user, csrf=getattr(request.state, "csrf", ""), msg=request.query_params.get("msg"),
+                  error=values.get("error") or request.query_params.get("error"))
+    return templates.TemplateResponse(request, name, values)
+
+
+def back(path: str, **flash) -> RedirectResponse:
+    return RedirectResponse(f"{path}?{urlencode(flash)}" if flash else path, status_code=303)
+
+
+# ---- login
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = "/", error: str | None = None):
+    token = secrets.token_urlsafe(16)
+    response = templates.TemplateResponse(request, "login.html", {"user": None, "csrf": token, "next": next,
+                                                                  "error": error, "msg": None})
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict")
+    return response
+
+
+@router.post("/login")
+def login(request: Request, ctx: Context, name: Annotated[str, Form(max_length=64)],
+          password: Annotated[str, Form(max_length=1024)], csrf_token: Annotated[str, Form()] = "",
+          next: Annotated[str, Form()] = "/"):
+    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not cookie or not secrets.compare_digest(cookie, csrf_token):
+        return back("/login", error="the login form expired; try again")
+    with ctx.database.session() as session:
+        user = users.authenticate(session, name, password)
+        if user is None:
+            return back("/login", error="wrong user name or password")
+        token = users.start_session(session, user, ctx.config.web.session_hours)
+    target = next if next.startswith("/") and not next.startswith("//") else "/"
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax",
+                        secure=request.url.scheme == "https", max_age=int(ctx.config.web.session_hours * 3600))
+    response.delete_cookie(LOGIN_CSRF_COOKIE)
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, ctx: Context, _user: PageUser, csrf_token: Annotated[str, Form()] = ""):
+    if not _csrf_ok(request, csrf_token):
+        raise HTTPException(403, "the form's CSRF token is missing or wrong; reload the page")
+    with ctx.database.session() as session:
+        users.end_session(session, request.cookies.get(SESSION_COOKIE, ""))
+    response = back("/login", msg="logged out")
+    response.delete_cookie(SESSION_COOKIE)
+    return response
+
+
+# ---- dashboard and studies
+
+
+@router.get("/")
+def dashboard(request: Request, ctx: Context, user: PageUser):
+    with ctx.database.session() as session:
+        arriving = inspect.list_studies(session, 20, state="receiving")
+        recent = inspect.list_studies(session, 25)
+        active = session.scalars(select(Job).where(Job.state.in_(
+            [JobState.running, JobState.encoding, JobState.delivering])).order_by(Job.id)).all()
+        running = [_progress(job) for job in active]
+        failures = session.scalars(select(Job).where(Job.state == JobState.failed)
+                                   .order_by(Job.finished_at.desc()).limit(10)).all()
+        failed = [{"id": j.id, "study": j.study_instance_uid, "model": j.model_name, "reason": j.reason,
+                   "at": j.finished_at} for j in failures]
+        queued = session.scalar(select(func.count()).where(Job.state == JobState.queued))
+        pending = session.scalar(select(func.count()).where(Delivery.state == "pending"))
+    return render(request, "dashboard.html", user, arriving=arriving, recent=recent, running=running,
+                  failed=failed, queued=queued, pending=pending)
+
+
+def _progress(job: Job) -> dict:
+    """Where a running job is: its step, and for delivery how many objects are sent."""
+    steps = ["running", "encoding", "delivering", "done"]
+    deliveries = [d for result in job.results for d in result.deliveries]
+    sent = sum(1 for d in deliveries if d.state == "sent")
+    percent = 100 * steps.index(job.state.value) // 3
+    if job.state == JobState.delivering and deliveries:
+        percent += int(33 * sent / len(deliveries))
+    return {"id": job.id, "study": job.study_instance_uid, "model": job.model_name, "state": job.state.value,
+            "started_at": job.started_at, "sent": sent, "deliveries": len(deliveries), "percent": min(percent, 99)}
+
+
+@router.get("/studies")
+def studies(request: Request, ctx: Context, user: PageUser, q: str = "", state: str = "", page: int = 0):
+    with ctx.database.session() as session:
+        listing = inspect.list_studies(session, 50, max(page, 0) * 50, text=q[:128] or None,
+                                       state=state if state in ("receiving", "complete") else None)
+    return render(request, "studies.html", user, studies=listing, q=q, state=state, page=max(page, 0))
+
+
+@router.get("/studies/{study_uid}")
+def study(request: Request, ctx: Context, user: PageUser, study_uid: str):
+    with ctx.database.session() as session:
+        detail = inspect.study_detail(session, study_uid[:64])
+    if detail is None:
+        raise HTTPException(404, "no such study")
+    evaluations: dict[int, list] = {}
+    for decision in detail["decisions"]:
+        evaluations.setdefault(decision["evaluation"], []).append(decision)
+    return render(request, "study.html", user, study=detail, evaluations=sorted(evaluations.items(), reverse=True))
+
+
+@router.get("/results/{result_id}/file")
+def result_file(ctx: Context, _user: PageUser, result_id: int):
+    """The result object as a DICOM file (Part 10), for download."""
+    from dicom_ai_node.storage import Storage
+
+    with ctx.database.session() as session:
+        result = session.get(ResultObject, result_id)
+        if result is None:
+            raise HTTPException(404, "no such result")
+        path = Storage(ctx.config.node.storage_dir, 0).absolute(result.path)
+    if not Path(path).is_file():
+        raise HTTPException(404, "the result's file is gone")
+    return FileResponse(path, media_type="application/dicom", filename=f"{result.sop_instance_uid}.dcm")
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry(ctx: Context, user: PageAdmin, job_id: int, study: Annotated[str, Form()] = ""):
+    try:
+        with ctx.database.session() as session:
+            how = actions.retry_job(session, job_id, user.name)
+    except (NotFound, Refused) as error:
+        return back(f"/studies/{study}", error=str(error))
+    ctx.submit_job(job_id) if how == "run" else ctx.kick_outbox()
+    return back(f"/studies/{study}", msg=f"job {job_id} queued again" if how == "run"
+                else f"job {job_id}: results queued for delivery again")
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(ctx: Context, user: PageAdmin, job_id: int, study: Annotated[str, Form()] = ""):
+    try:
+        with ctx.database.session() as session:
+            actions.cancel_job(session, job_id, user.name)
+    except (NotFound, Refused) as error:
+        return back(f"/studies/{study}", error=str(error))
+    return back(f"/studies/{study}", msg=f"job {job_id} cancelled")
+
+
+@router.post("/deliveries/{delivery_id}/resend")
+def resend(ctx: Context, user: PageAdmin, delivery_id: int, study: Annotated[str, Form()] = ""):
+    try:
+        with ctx.database.session() as session:
+            actions.resend_delivery(session, delivery_id, user.name)
+    except (NotFound, Refused) as error:
+        return back(f"/studies/{study}", error=str(error))
+    ctx.kick_outbox()
+    return back(f"/studies/{study}", msg=f"delivery {delivery_id} queued again")
+
+
+# ---- rules
+
+
+@router.get("/rules")
+def rules_page(request: Request, ctx: Context, user: PageUser, version: int | None = None):
+    with ctx.database.session() as session:
+        active = ctx.rules.active_version(session)
+        shown = session.get(RuleSetVersion, version or active) if (version or active) else None
+        history = rules_editing.versions(session)
+    return render(request, "rules.html", user, text=shown.text if shown else "", active=active,
+                  shown=shown.version if shown else None, versions=history, problems=None, dry=None, comment="")
+
+
+@router.post("/rules")
+def rules_action(request: Request, ctx: Context, user: PageUser, text: Annotated[str, Form(max_length=200_000)] = "",
+                 action: Annotated[str, Form()] = "validate", comment: Annotated[str, Form(max_length=1000)] = "",
+                 csrf_token: Annotated[str, Form()] = ""):
+    """Validate and dry-run are open to viewers (they change nothing); save needs an admin."""
+    if not _csrf_ok(request, csrf_token):
+        raise HTTPException(403, "the form's CSRF token is missing or wrong; reload the page")
+    problems, dry, msg = rules_editing.validate(ctx, text), None, None
+    with ctx.database.session() as session:
+        if not problems and action == "dryrun":
+            dry = rules_editing.dry_run(ctx, session, text)
+        elif not problems and action == "save":
+            if not user.is_admin:
+                raise HTTPException(403, "this needs the admin role (you are a viewer)")
+            version = rules_editing.save(ctx, session, text, user.name, comment or None)
+            return back("/rules", msg=f"saved as version {version}; it applies to the next study that completes")
+        elif not problems:
+            msg = "valid: the rule set can be saved"
+        active = ctx.rules.active_version(session)
+        history = rules_editing.versions(session)
+    return render(request, "rules.html", user, text=text, active=active, shown=None, versions=history,
+                  problems=problems, dry=dry, comment=comment, note=msg)
+
+
+@router.post("/rules/rollback")
+def rules_rollback(ctx: Context, user: PageAdmin, version: Annotated[int, Form()]):
+    try:
+        with ctx.database.session() as session:
+            new = rules_editing.rollback(ctx, session, version, user.name)
+    except RulesInvalid as invalid:
+        return back("/rules", error="cannot roll back: " + "; ".join(invalid.problems))
+    except LookupError as error:
+        return back("/rules", error=str(error))
+    return back("/rules", msg=f"version {version} is active again (saved as version {new})")
+
+
+# ---- destinations, models, audit
+
+
+@router.get("/destinations")
+def destinations_page(request: Request, ctx: Context, user: PageUser, edit: str | None = None):
+    with ctx.database.session() as session:
+        rows = [to_json(row) for row in list_destinations(session)]
+    editing = next((row for row in rows if row["name"] == edit), None)
+    return render(request, "destinations.html", user, destinations=rows, editing=editing)
+
+
+@router.post("/destinations")
+def destination_save(ctx: Context, user: PageAdmin, name: Annotated[str, Form()], ae_title: Annotated[str, Form()],
+                     host: Annotated[str, Form()], port: Annotated[str, Form()],
+                     calling_ae_title: Annotated[str, Form()] = "", max_attempts: Annotated[str, Form()] = "5",
+                     backoff_s: Annotated[str, Form()] = "2", timeout_s: Annotated[str, Form()] = "30",
+                     mode: Annotated[str, Form()] = "create"):
+    try:
+        fields = DestinationFields(ae_title=ae_title, host=host, port=port, calling_ae_title=calling_ae_title or None,
+                                   max_attempts=max_attempts, backoff_s=backoff_s, timeout_s=timeout_s)
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "_.-" for c in name):
+            raise ValueError("name: 1..64 letters, digits or _ . -")
+        with ctx.database.session() as session:
+            actions.save_destination(session, name, fields.model_dump(), user.name, create=mode == "create")
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return back("/destinations", error=problems)
+    except (ValueError, NotFound, Refused) as error:
+        return back("/destinations", error=str(error))
+    return back("/destinations", msg=f"destination {name} saved")
+
+
+@router.post("/destinations/{name}/delete")
+def destination_delete(ctx: Context, user: PageAdmin, name: str):
+    try:
+        with ctx.database.session() as session:
+            actions.delete_destination(ctx, session, name, user.name)
+    except (NotFound, Refused) as error:
+        return back("/destinations", error=str(error))
+    return back("/destinations", msg=f"destination {name} deleted")
+
+
+@router.post("/destinations/{name}/echo")
+def destination_echo(ctx: Context, user: PageAdmin, name: str):
+    try:
+        ok, message = actions.echo_destination(ctx, name, user.name)
+    except NotFound as error:
+        return back("/destinations", error=str(error))
+    return back("/destinations", **({"msg": f"{name}: {message}"} if ok else {"error": f"{name}: {message}"}))
+
+
+@router.get("/models")
+def models_page(request: Request, ctx: Context, user: PageUser):
+    with ctx.database.session() as session:
+        rows = models_json(ctx, session)
+    return render(request, "models.html", user, models=rows, problems=ctx.models.problems)
+
+
+@router.post("/models/{name}/toggle")
+def model_toggle(ctx: Context, user: PageAdmin, name: str, enable: Annotated[bool, Form()]):
+    try:
+        with ctx.database.session() as session:
+            actions.set_model_enabled(ctx, session, name, enable, user.name)
+    except NotFound as error:
+        return back("/models", error=str(error))
+    return back("/models", msg=f"model {name} {'enabled' if enable else 'disabled'}")
+
+
+@router.get("/audit")
+def audit_page(request: Request, ctx: Context, user: PageUser, actor: str = "", action: str = "", page: int = 0):
+    page = max(page, 0)
+    with ctx.database.session() as session:
+        events = audit_events(session, actor[:64] or None, action[:64] or None, 100, page * 100)
+    return render(request, "audit.html", user, events=events, actor=actor, action=action, page=page)
