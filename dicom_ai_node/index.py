@@ -65,43 +65,50 @@ class ReceivedInstance:
     path: str
     size_bytes: int
     calling_ae_title: str | None
-    header: Dataset  # without pixel data
+    header: Dataset  # the received dataset; only header values are read
     is_result: bool = False
 
 
-def _insert_ignore(session: Session, model, values: dict) -> bool:
+def _insert_ignore(session: Session, table, values: dict) -> bool:
     """INSERT that does nothing when the primary key exists (concurrent receivers race here);
-    True when the row was inserted."""
+    True when the row was inserted. Core statements: the ORM's bulk path costs more than the
+    insert itself at a few hundred instances a second."""
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    key = model.__mapper__.primary_key[0]
-    statement = insert(model).values(**values).on_conflict_do_nothing().returning(key)
+    key = next(iter(table.primary_key.columns))
+    statement = insert(table).values(**values).on_conflict_do_nothing().returning(key)
     return session.execute(statement).first() is not None
 
 
-def record_instance(session: Session, item: ReceivedInstance, now: datetime | None = None) -> bool:
-    """Index one stored instance; returns True when it is new (False for a resend)."""
+def record_instance(session: Session, item: ReceivedInstance, now: datetime | None = None,
+                    series_known: bool = False) -> bool:
+    """Index one stored instance; returns True when it is new (False for a resend).
+
+    ``series_known``: the caller saw this series committed already, so the study and series
+    rows (and the header walk that fills them) can be skipped.
+    """
     now = now or utcnow()
     header = item.header
-    _insert_ignore(session, Study, dict(
-        study_instance_uid=item.study_uid,
-        patient_id=_text(header, "PatientID", 64),
-        patient_name=_text(header, "PatientName", 324),
-        study_date=_text(header, "StudyDate", 8),
-        accession_number=_text(header, "AccessionNumber", 16),
-        study_description=_text(header, "StudyDescription", 64),
-        state="receiving", first_received_at=now, last_received_at=now,
-    ))
-    _insert_ignore(session, Series, dict(
-        series_instance_uid=item.series_uid,
-        study_instance_uid=item.study_uid,
-        modality=_text(header, "Modality", 16),
-        series_number=_int(header, "SeriesNumber"),
-        series_description=_text(header, "SeriesDescription", 64),
-        attributes=header_attributes(header),
-        is_result=item.is_result,
-    ))
-    is_new = _insert_ignore(session, Instance, dict(
+    if not series_known:
+        _insert_ignore(session, Study.__table__, dict(
+            study_instance_uid=item.study_uid,
+            patient_id=_text(header, "PatientID", 64),
+            patient_name=_text(header, "PatientName", 324),
+            study_date=_text(header, "StudyDate", 8),
+            accession_number=_text(header, "AccessionNumber", 16),
+            study_description=_text(header, "StudyDescription", 64),
+            state="receiving", first_received_at=now, last_received_at=now,
+        ))
+        _insert_ignore(session, Series.__table__, dict(
+            series_instance_uid=item.series_uid,
+            study_instance_uid=item.study_uid,
+            modality=_text(header, "Modality", 16),
+            series_number=_int(header, "SeriesNumber"),
+            series_description=_text(header, "SeriesDescription", 64),
+            attributes=header_attributes(header),
+            is_result=item.is_result,
+        ))
+    is_new = _insert_ignore(session, Instance.__table__, dict(
         sop_instance_uid=item.sop_uid, series_instance_uid=item.series_uid,
         sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax_uid,
         instance_number=_int(header, "InstanceNumber"),
@@ -111,14 +118,14 @@ def record_instance(session: Session, item: ReceivedInstance, now: datetime | No
     ))
     if not is_new:
         # A resend of the same SOP Instance: the file was replaced atomically; keep one row.
-        session.execute(update(Instance).where(Instance.sop_instance_uid == item.sop_uid).values(
+        session.execute(update(Instance.__table__).where(Instance.sop_instance_uid == item.sop_uid).values(
             path=item.path, size_bytes=item.size_bytes,
             transfer_syntax_uid=item.transfer_syntax_uid, received_at=now))
     if not item.is_result:
-        study = session.get(Study, item.study_uid)
-        study.last_received_at = now
-        if is_new and study.state != "receiving":
-            study.state = "receiving"  # more arrived after completion: evaluate again
+        # a new instance for a study already complete makes it "receiving" again: evaluate again
+        changes = {"last_received_at": now, **({"state": "receiving"} if is_new else {})}
+        session.execute(update(Study.__table__).where(Study.study_instance_uid == item.study_uid)
+                        .values(**changes))
     return is_new
 
 

@@ -61,6 +61,7 @@ class StorageSCP:
         # SQLite has one writer; serialising index writes here avoids busy retries.
         self._index_lock = threading.Lock() if database.is_sqlite else _NoLock()
         self._studies_by_association: dict[int, set[str]] = {}
+        self._known_series: set[str] = set()  # series whose study/series rows are committed
 
     def start(self) -> None:
         # Accept every storage SOP class, private and future ones included, in whatever
@@ -168,9 +169,12 @@ class StorageSCP:
         item = ReceivedInstance(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
                                 sop_class_uid=sop_class, transfer_syntax_uid=str(transfer_syntax),
                                 path=path, size_bytes=size, calling_ae_title=calling_ae,
-                                header=_without_bulk(header))
+                                header=header)
         with self._index_lock, self.database.session() as session:
-            is_new = record_instance(session, item)
+            is_new = record_instance(session, item, series_known=series_uid in self._known_series)
+        if len(self._known_series) > 100_000:
+            self._known_series.clear()  # bounded; forgetting only costs two cheap inserts
+        self._known_series.add(series_uid)
         log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling_ae)
         return study_uid, is_new
 
@@ -198,16 +202,6 @@ def _uid(dataset: Dataset, keyword: str) -> str:
     if not is_valid_uid(value):
         raise _Refused(DATASET_DOES_NOT_MATCH, f"{keyword} is not a valid UID")
     return value
-
-
-def _without_bulk(dataset: Dataset) -> Dataset:
-    """The header without pixel data, so the index never holds megabytes per instance."""
-    header = Dataset()
-    for element in dataset:
-        if element.tag >= 0x7FE00000 and element.tag.group == 0x7FE0:
-            continue
-        header.add(element)
-    return header
 
 
 def _failure(status: int, comment: str) -> Dataset:
