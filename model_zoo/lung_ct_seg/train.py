@@ -1,4 +1,4 @@
-"""Rebuild weights.pt: train the lung UNet on CPU (about 10 minutes on 2 cores), fixed seed.
+"""Rebuild weights.pt: train the lung UNet on CPU (about 16 minutes on 2 cores), fixed seed.
 
     .venv/bin/python -m model_zoo.lung_ct_seg.train [--data ../shared/data] [--steps 1000]
 
