@@ -1,7 +1,7 @@
 """The node: wires receive -> completion -> routing -> jobs -> delivery around one database.
 
-Start order matters for "nothing is lost": the schema is migrated, interrupted jobs are
-re-queued and completion timers re-armed *before* the DICOM port opens.
+Start order matters for "nothing is lost": the schema is migrated and interrupted jobs are
+re-queued *before* the DICOM port opens; completion needs no re-arming (its facts are rows).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicom_ai_node.completion import CompletionTimers
+from dicom_ai_node.completion import CHECK_INTERVAL_S, CompletionWatcher
 from dicom_ai_node.config import Config
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import DisabledModel
@@ -48,12 +48,10 @@ class Node:
                                 on_results=self._kick_outbox)
         self.executor = LocalExecutor(self.runner.run, config.workers)
         self.router = Router(self.database, self.rules, config.quiet_period_s, self.executor.submit)
-        self.completion = CompletionTimers(self.scheduler, self.database, config.quiet_period_s,
-                                           config.node.release_grace_s, self.router.quiet_enough,
-                                           self.router.route)
-        on_release = self.completion.association_released if config.node.complete_on_release else None
-        self.scp = StorageSCP(config.node, self.database, self.storage,
-                              on_instance=self.completion.instance_stored, on_release=on_release)
+        release_grace_s = config.node.release_grace_s if config.node.complete_on_release else None
+        self.completion = CompletionWatcher(self.database, config.quiet_period_s, release_grace_s,
+                                            self.router.quiet_enough, self.router.route)
+        self.scp = StorageSCP(config.node, self.database, self.storage)
         self.web = None  # the admin page and API (dicom_ai_node/web), started last
 
     def start(self) -> None:
@@ -65,7 +63,8 @@ class Node:
                                id="outbox", max_instances=1, coalesce=True)
         for job_id in recover_unfinished(self.database):
             self.executor.submit(job_id)
-        self.completion.resume()
+        self.scheduler.add_job(self.completion.check, "interval", seconds=CHECK_INTERVAL_S,
+                               id="completion", max_instances=1, coalesce=True)
         self.scp.start()
         if self.config.web.enabled:
             self._start_web()

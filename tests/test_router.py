@@ -3,15 +3,13 @@ jobs created once per exact input, superseded when more instances arrive."""
 
 from __future__ import annotations
 
-import threading
-import time
+from datetime import timedelta, timezone
 
 import pytest
-from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from dicom_ai_node.completion import CompletionTimers
+from dicom_ai_node.completion import CompletionWatcher
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Job, JobState, RoutingDecision, Study
 from dicom_ai_node.index import ReceivedInstance, record_instance
@@ -103,34 +101,37 @@ def test_rule_quiet_period_override_holds_completion(database):
 
 
 def test_completion_after_quiet_period_and_after_release(database):
-    scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.start()
-    completed: list[tuple[str, float]] = []
-    done = threading.Event()
+    completed: list[str] = []
 
     def on_complete(study_uid):
-        completed.append((study_uid, time.monotonic()))
+        completed.append(study_uid)
         with database.session() as session:
             session.get(Study, study_uid).state = "complete"
-        done.set()
 
-    timers = CompletionTimers(scheduler, database, quiet_period_s=0.6, release_grace_s=0.1,
-                              on_quiet=lambda uid, quiet: True, on_complete=on_complete)
-    try:
-        start = time.monotonic()
-        receive(database, "1.2.3.1", "1.2.3.1.1")
-        timers.instance_stored("1.2.3", True)
-        time.sleep(0.4)
-        receive(database, "1.2.3.1", "1.2.3.1.2")  # restarts the quiet period
-        timers.instance_stored("1.2.3", True)
-        assert done.wait(5)
-        assert completed[0][1] - start >= 0.95  # 0.4 s + a full quiet period after the last instance
+    watcher = CompletionWatcher(database, quiet_period_s=5.0, release_grace_s=1.0,
+                                quiet_enough=lambda uid, quiet: True, on_complete=on_complete)
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    with database.session() as session:
+        last = session.get(Study, "1.2.3").last_received_at.replace(tzinfo=timezone.utc)
+    assert watcher.check(last + timedelta(seconds=4.9)) == []
+    assert watcher.check(last + timedelta(seconds=5.0)) == ["1.2.3"]
+    assert watcher.check(last + timedelta(seconds=60)) == []  # complete already
 
-        done.clear()
-        receive(database, "1.2.4.1", "1.2.4.1.1", study="1.2.4")
-        released = time.monotonic()
-        timers.association_released({"1.2.4"})
-        assert done.wait(5)
-        assert completed[1][0] == "1.2.4" and completed[1][1] - released < 0.5
-    finally:
-        scheduler.shutdown(wait=False)
+    receive(database, "1.2.4.1", "1.2.4.1.1", study="1.2.4")
+    with database.session() as session:
+        study = session.get(Study, "1.2.4")
+        study.released_at = released = study.last_received_at.replace(tzinfo=timezone.utc)
+    assert watcher.check(released + timedelta(seconds=0.9)) == []
+    assert watcher.check(released + timedelta(seconds=1.0)) == ["1.2.4"]  # long before the quiet period
+
+
+def test_release_does_not_complete_when_more_arrived_after_it(database):
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    with database.session() as session:
+        study = session.get(Study, "1.2.3")
+        released = study.last_received_at.replace(tzinfo=timezone.utc)
+        study.released_at = released - timedelta(seconds=3)  # another association still sending
+    watcher = CompletionWatcher(database, quiet_period_s=5.0, release_grace_s=1.0,
+                                quiet_enough=lambda uid, quiet: True, on_complete=lambda uid: None)
+    assert watcher.check(released + timedelta(seconds=2)) == []
+    assert watcher.check(released + timedelta(seconds=5)) == ["1.2.3"]

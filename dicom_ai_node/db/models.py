@@ -36,6 +36,8 @@ class Study(Base):
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     completed_at: Mapped[datetime | None]
+    # when an association that sent instances of this study was released (completion signal)
+    released_at: Mapped[datetime | None]
     quiet_period_s: Mapped[float | None] = mapped_column(Float)  # set by a matching rule's override
 
     series: Mapped[list["Series"]] = relationship(back_populates="study", order_by="Series.series_number")

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Callable
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
+from sqlalchemy import update
 
 from dicom_ai_node.config import NodeConfig, TlsConfig
 from dicom_ai_node.db.engine import Database
+from dicom_ai_node.db.models import Study, utcnow
 from dicom_ai_node.index import ReceivedInstance, record_instance
 from dicom_ai_node.receive.allow_list import is_allowed
 from dicom_ai_node.storage import DiskFullError, Storage, StorageError, is_valid_uid
@@ -32,12 +33,6 @@ DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
-# Called with (study_uid, is_new) after an instance is committed, and with the set of
-# study UIDs an association delivered when it is released normally.
-InstanceCallback = Callable[[str, bool], None]
-ReleaseCallback = Callable[[set[str]], None]
-
-
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -49,14 +44,10 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 class StorageSCP:
-    def __init__(self, config: NodeConfig, database: Database, storage: Storage,
-                 on_instance: InstanceCallback | None = None,
-                 on_release: ReleaseCallback | None = None):
+    def __init__(self, config: NodeConfig, database: Database, storage: Storage):
         self.config = config
         self.database = database
         self.storage = storage
-        self.on_instance = on_instance or (lambda study_uid, is_new: None)
-        self.on_release = on_release or (lambda study_uids: None)
         self._server = None
         # SQLite has one writer; serialising index writes here avoids busy retries.
         self._index_lock = threading.Lock() if database.is_sqlite else _NoLock()
@@ -115,9 +106,12 @@ class StorageSCP:
         return SUCCESS
 
     def _handle_released(self, event) -> None:
+        """A normal release is a completion signal (see completion.py): record it."""
         studies = self._studies_by_association.pop(id(event.assoc), set())
         if studies:
-            self.on_release(studies)
+            with self.database.session() as session:
+                session.execute(update(Study).where(Study.study_instance_uid.in_(studies))
+                                .values(released_at=utcnow()))
 
     def _forget_association(self, event) -> None:
         self._studies_by_association.pop(id(event.assoc), None)
@@ -140,11 +134,11 @@ class StorageSCP:
         except Exception:  # the node must never crash on one bad instance
             log.exception("unexpected error storing an instance from %s", calling_ae)
             return _failure(PROCESSING_FAILURE, "Unexpected error on the AI node; see its log")
-        self._studies_by_association.setdefault(id(event.assoc), set()).add(received[0])
-        self.on_instance(*received)
+        self._studies_by_association.setdefault(id(event.assoc), set()).add(received)
         return SUCCESS
 
-    def _store(self, event, calling_ae: str) -> tuple[str, bool]:
+    def _store(self, event, calling_ae: str) -> str:
+        """Store and index one instance; returns its StudyInstanceUID."""
         request = event.request
         transfer_syntax = event.context.transfer_syntax
         try:
@@ -175,8 +169,9 @@ class StorageSCP:
         if len(self._known_series) > 100_000:
             self._known_series.clear()  # bounded; forgetting only costs two cheap inserts
         self._known_series.add(series_uid)
-        log.debug("stored %s (%d bytes) from %s", sop_uid, size, calling_ae)
-        return study_uid, is_new
+        log.debug("stored %s (%d bytes, %s) from %s", sop_uid, size, "new" if is_new else "resent",
+                  calling_ae)
+        return study_uid
 
 
 class _Refused(Exception):

@@ -33,13 +33,13 @@ def make_phantom(rng: np.random.Generator):
     d, h, w = int(rng.integers(40, 90)), int(rng.integers(110, 180)), int(rng.integers(110, 180))
     z, y, x = np.meshgrid(np.arange(d) * s, (np.arange(h) - h / 2) * s, (np.arange(w) - w / 2) * s,
                           indexing="ij")
-    a, b = rng.uniform(80, 140), rng.uniform(120, min(190, w * s / 2 - 5))  # body semi-axes AP, LR
+    a, b = rng.uniform(80, 140), rng.uniform(120, 190)  # may exceed the field of view  # body semi-axes AP, LR
     cy = rng.uniform(-20, 20)
     r_body = ((y - cy) / a) ** 2 + (x / b) ** 2
     hu = rng.normal(-1000, 15, (d, h, w))  # outside air
     body = r_body <= 1
     hu[body] = rng.normal(rng.uniform(20, 60), rng.uniform(10, 30), body.sum())
-    fat = body & (r_body > rng.uniform(0.7, 0.9))
+    fat = body & (r_body > rng.uniform(0.65, 0.9))
     hu[fat] = rng.normal(-100, 20, fat.sum())
     table = (y - cy > a + 10) & (y - cy < a + 18)
     hu[table] = 300
@@ -48,6 +48,7 @@ def make_phantom(rng: np.random.Generator):
 
     # lungs: two half-ellipsoids tapering to an apex at the top and sitting on a domed diaphragm
     label = np.zeros((d, h, w), bool)
+    diaphragm = np.full((1, h, w), -np.inf)
     z_top = rng.uniform(0.2 * d * s, d * s + 150)  # the apex may be above the field of view
     height = rng.uniform(150, 260)
     z_base = z_top - height
@@ -57,6 +58,7 @@ def make_phantom(rng: np.random.Generator):
         ly, lx = rng.uniform(0.55, 0.75) * a, rng.uniform(0.3, 0.42) * b
         taper = np.clip((z_top - z) / rng.uniform(40, 80), 0, 1) ** 0.5
         dome = z_base + rng.uniform(20, 50) * (1 - ((x - cx) / lx) ** 2 - ((y - cy) / ly) ** 2)
+        diaphragm = np.maximum(diaphragm, np.maximum(dome[:1], z_base - 10))
         inside = (((y - cy + 0.1 * a) / (ly * taper + 1e-3)) ** 2 + ((x - cx) / (lx * taper + 1e-3)) ** 2 <= 1)
         label |= inside & (z < z_top) & (z > dome) & (np.abs(x) > gap) & body & ~fat
     lung_hu = rng.uniform(-900, -780)
@@ -65,19 +67,31 @@ def make_phantom(rng: np.random.Generator):
         c = [rng.uniform(0, d * s), rng.uniform(-h * s / 2, h * s / 2), rng.uniform(-w * s / 2, w * s / 2)]
         blob = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < rng.uniform(3, 8) ** 2
         hu[blob & label] = rng.choice([40.0, -980.0])
-    # trachea (not lung) above the carina, bowel gas (not lung) below the diaphragm
+    # trachea (not lung) above the carina
     trachea = (np.hypot(y - cy + 0.2 * a, x) < rng.uniform(7, 11)) & (z > z_top - rng.uniform(60, 100)) & body
     hu[trachea & ~label] = -1000
-    for _ in range(int(rng.integers(2, 12))):  # bowel gas: chains of balls, some with mottled stool
+    # hard negatives below the diaphragm: fat (-100 HU) and bowel/stomach gas pockets, irregular
+    # chains of balls of -1000..-600 HU (partly mottled with stool), some pressed right under
+    # the domes (transverse colon, splenic flexure, stomach bubble). Never lung.
+    under = z < diaphragm - rng.uniform(3, 10)
+    for _ in range(int(rng.integers(0, 8))):  # mesenteric / retroperitoneal fat
         c = np.array([rng.uniform(0, max(z_base + 40, 1.0)), rng.uniform(-a, a) + cy, rng.uniform(-b, b)])
+        blob = ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < rng.uniform(10, 35) ** 2
+        blob &= body & under & ~label
+        hu[blob] = rng.normal(rng.uniform(-120, -70), 15, blob.sum())
+    for _ in range(int(rng.integers(3, 18))):
+        top = z_base + 45 if rng.random() < 0.6 else z_base - 40  # near the domes or deep abdomen
+        c = np.array([rng.uniform(top - 120, top), rng.uniform(-a, a) + cy, rng.uniform(-b, b)])
         step = rng.normal(0, 1, 3)
         gas = np.zeros((d, h, w), bool)
-        for _ in range(int(rng.integers(1, 7))):
-            gas |= ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < rng.uniform(8, 25) ** 2
+        for _ in range(int(rng.integers(1, 8))):
+            gas |= ((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < rng.uniform(6, 28) ** 2
             c = c + 20 * step / np.linalg.norm(step)
             step = step + rng.normal(0, 0.7, 3)
-        gas &= body & ~fat & ~label
-        hu[gas] = np.where(rng.random(gas.sum()) < rng.uniform(0.6, 1.0), -1000.0, rng.uniform(-200, 100))
+        gas &= body & under & ~fat & ~label
+        base = rng.uniform(-1000, -600)
+        hu[gas] = np.where(rng.random(gas.sum()) < rng.uniform(0.6, 1.0), rng.normal(base, 30, gas.sum()),
+                           rng.uniform(-200, 100, gas.sum()))
     hu = F.avg_pool3d(torch.from_numpy(hu.astype(np.float32))[None, None], 3, 1, 1,
                       count_include_pad=False)[0, 0].numpy()  # partial-volume blur
     return hu.astype(np.float32), label
@@ -107,6 +121,8 @@ def random_patch(hu, label, rng, edge_mode):
     if rng.random() < 0.5:
         hu, label = hu[:, :, ::-1], label[:, :, ::-1]
     hu = hu * rng.uniform(0.95, 1.05) + rng.uniform(-30, 30)
+    if rng.random() < 0.5:  # extra noise (low dose / thin slices)
+        hu = hu + rng.normal(0, rng.uniform(5, 40), hu.shape).astype(np.float32)
     return np.ascontiguousarray(hu), np.ascontiguousarray(label)
 
 
@@ -120,7 +136,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # CI and shared dev machines: 2 cores, one per job
     rng = np.random.default_rng(args.seed)
     started = time.time()
     real = load_real_cases(args.data)
