@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     models.add_parser("list", help="installed models")
     model_check = models.add_parser("check", help="validate a model folder or model.toml")
     model_check.add_argument("path")
+    model_check.add_argument("--no-run", action="store_true",
+                             help="only validate model.toml (default: also load the model and run it "
+                                  "on a small synthetic volume)")
 
     commands.add_parser("db", help="database").add_subparsers(dest="action", required=True).add_parser(
         "upgrade", help="apply migrations")
@@ -218,8 +221,10 @@ def _models(args) -> int:
         except ManifestError as error:
             print(error, file=sys.stderr)
             return 1
-        print(f"{manifest.path}: {manifest.name} {manifest.version} ({manifest.task}), valid")
-        return 0
+        print(f"{manifest.path}: {manifest.name} {manifest.version} ({manifest.task}), manifest valid")
+        if args.no_run:
+            return 0
+        return _model_smoke_test(manifest)
     from dicom_ai_node.models import ModelRegistry
 
     config_paths = _config(args).model_paths if Path(args.config).is_file() else ()
@@ -230,6 +235,64 @@ def _models(args) -> int:
               f"{manifest.folder}")
     for problem in registry.problems:
         print(f"NOT INSTALLED: {problem}", file=sys.stderr)
+    return 0
+
+
+def _model_smoke_test(manifest) -> int:
+    """Load the model and run it once on a small synthetic CT-like volume that fits [input]."""
+    import time
+
+    import numpy as np
+
+    from dicom_ai_node.imaging.volume import SourceFrame, Volume
+    from model_zoo import registry
+    from model_zoo.base import ModelOutput
+
+    low, high = manifest.input.spacing_mm
+    spacing = tuple(float(min(max(s, low), high)) for s in (2.5, 1.5, 1.5))
+    slices = max(manifest.input.min_slices, 16)
+    shape = (slices, 64, 64)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    rng = np.random.default_rng(0)
+    pixels = np.where(y ** 2 + x ** 2 < 0.7, 40.0, -1000.0) + rng.normal(0, 10, shape)
+    pixels[(y ** 2 / 0.3 + (np.abs(x) - 0.35) ** 2 / 0.05) < 1] = -850.0
+    frames = [SourceFrame(f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", f"slice{i}.dcm") for i in range(slices)]
+    volume = Volume(pixels=pixels.astype(np.float32), origin=np.zeros(3), row_direction=np.array([1.0, 0, 0]),
+                    column_direction=np.array([0, 1.0, 0]), slice_direction=np.array([0, 0, 1.0]),
+                    spacing=spacing, source_frames=frames, modality=manifest.input.modality[0],
+                    attributes={"Modality": manifest.input.modality[0]})
+    started = time.perf_counter()
+    try:
+        model = registry.load_model(manifest)
+        loaded = time.perf_counter()
+        output = model.predict(volume)
+    except Exception as error:  # the point is to show the site what went wrong
+        print(f"{manifest.path}: loading or running the model failed: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        return 1
+    problems = []
+    if not isinstance(output, ModelOutput):
+        problems.append(f"predict returned {type(output).__name__}, not ModelOutput")
+    else:
+        for segment in output.segments:
+            if segment.mask.shape != volume.shape:
+                problems.append(f"segment {segment.name!r}: mask shape {segment.mask.shape} != {volume.shape}")
+        for kind, items in (("segment", output.segments), ("measurement", output.measurements),
+                            ("finding", output.findings)):
+            for item in items:
+                try:
+                    getattr(manifest, kind)(item.name)
+                except Exception as error:
+                    problems.append(str(error))
+        if output.derived_pixels is not None and output.derived_pixels.shape != volume.shape:
+            problems.append(f"derived_pixels shape {output.derived_pixels.shape} != {volume.shape}")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    summary = (f"{len(output.segments)} segments, {len(output.measurements)} measurements, "
+               f"{len(output.findings)} findings" + (", derived image" if output.derived_pixels is not None else ""))
+    print(f"loaded in {loaded - started:.1f}s, ran on a {'x'.join(map(str, shape))} test volume in "
+          f"{time.perf_counter() - loaded:.1f}s: {summary}")
     return 0
 
 

@@ -43,6 +43,7 @@ class NodeConfig:
     complete_on_release: bool = True  # a study may complete soon after its association ends
     release_grace_s: float = 1.0
     allow_any_caller: bool = False
+    receivers: int = 1  # listener processes sharing the port (SO_REUSEPORT); >1 uses more cores
     allowed_callers: tuple[AllowedCaller, ...] = ()
     tls: TlsConfig | None = None
 
@@ -163,7 +164,7 @@ def load_config(path: str | Path) -> Config:
     raw = read.get(tree, "node", "", dict, default={})
     read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
                             "min_free_disk_mb", "complete_on_release", "release_grace_s",
-                            "allow_any_caller", "allowed_callers", "tls"}, "node")
+                            "allow_any_caller", "allowed_callers", "tls", "receivers"}, "node")
     callers = []
     for i, item in enumerate(read.get(raw, "allowed_callers", "node", list, default=[])):
         where = f"node.allowed_callers[{i}]"
@@ -191,6 +192,7 @@ def load_config(path: str | Path) -> Config:
         release_grace_s=read.get(raw, "release_grace_s", "node", float, 1.0, lambda v: v >= 0,
                                  "must be >= 0"),
         allow_any_caller=read.get(raw, "allow_any_caller", "node", bool, False),
+        receivers=read.get(raw, "receivers", "node", int, 1, lambda v: 1 <= v <= 16, "must be 1..16"),
         allowed_callers=tuple(callers),
         tls=read.tls(raw, "node"),
     )

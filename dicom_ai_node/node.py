@@ -7,6 +7,8 @@ re-queued *before* the DICOM port opens; completion needs no re-arming (its fact
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -53,6 +55,7 @@ class Node:
                                             self.router.quiet_enough, self.router.route)
         self.scp = StorageSCP(config.node, self.database, self.storage)
         self.web = None  # the admin page and API (dicom_ai_node/web), started last
+        self._receivers: list[subprocess.Popen] = []  # extra listener processes
 
     def start(self) -> None:
         self.database.upgrade()
@@ -65,9 +68,38 @@ class Node:
             self.executor.submit(job_id)
         self.scheduler.add_job(self.completion.check, "interval", seconds=CHECK_INTERVAL_S,
                                id="completion", max_instances=1, coalesce=True)
-        self.scp.start()
+        shared_port = self.config.node.receivers > 1
+        self.scp.start(shared_port=shared_port)
+        if shared_port:
+            self._start_receivers()
+            self.scheduler.add_job(self._start_receivers, "interval", seconds=5, id="receivers",
+                                   max_instances=1, coalesce=True)
         if self.config.web.enabled:
             self._start_web()
+
+    def _start_receivers(self) -> None:
+        """Keep receivers-1 extra listener processes running (restarted if one dies)."""
+        alive = []
+        for process in self._receivers:
+            if process.poll() is None:
+                alive.append(process)
+            else:
+                log.error("receiver process %d exited with %s; starting another", process.pid,
+                          process.returncode)
+        while len(alive) < self.config.node.receivers - 1:
+            alive.append(subprocess.Popen([sys.executable, "-m", "dicom_ai_node.receive.worker",
+                                           "--config", str(self.config.path)]))
+        self._receivers = alive
+
+    def _stop_receivers(self) -> None:
+        for process in self._receivers:
+            process.terminate()
+        for process in self._receivers:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self._receivers = []
 
     def _start_web(self) -> None:
         from dicom_ai_node.web.context import WebContext, load_secret
@@ -82,7 +114,7 @@ class Node:
         self.web.start()
 
     def _ready(self) -> dict[str, bool]:
-        return {"dicom_listener": self.scp._server is not None, "scheduler": self.scheduler.running}
+        return {"dicom_listener": self.scp.running, "scheduler": self.scheduler.running}
 
     def _model_disabled(self, name: str) -> bool:
         with self.database.session() as session:
@@ -108,7 +140,8 @@ class Node:
     def stop(self) -> None:
         if self.web is not None:
             self.web.stop()
+        self.scheduler.shutdown(wait=False)  # first: its supervisor would restart receivers
+        self._stop_receivers()
         self.scp.stop()
-        self.scheduler.shutdown(wait=False)
         self.executor.shutdown()
         self.database.dispose()

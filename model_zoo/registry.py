@@ -49,10 +49,20 @@ def default_device() -> str:
 
 
 def _import_entry(manifest: Manifest):
-    """The class named by ``entry`` ("module:Class"), imported from the model's folder by path."""
+    """The class named by ``entry``: an adapter (torchscript, onnx, monai_bundle; see
+    model_zoo.adapters) or "module:Class", imported from the model's folder by path."""
+    from model_zoo.adapters import ADAPTERS, adapter_class
+
+    adapter = adapter_class(manifest.entry)
+    if adapter is not None:
+        if not manifest.weights:
+            raise ManifestError(f"{manifest.path}: model.weights: entry {manifest.entry!r} needs the "
+                                f"model file (or bundle folder) named in weights")
+        return adapter
     module_name, sep, class_name = manifest.entry.partition(":")
     if not sep or not module_name or not class_name:
-        raise ManifestError(f"{manifest.path}: model.entry: must be 'module:Class', got {manifest.entry!r}")
+        raise ManifestError(f"{manifest.path}: model.entry: must be 'module:Class' or one of "
+                            f"{', '.join(ADAPTERS)}, got {manifest.entry!r}")
     file = manifest.folder / (module_name.replace(".", "/") + ".py")
     if not file.is_file():
         raise ManifestError(f"{manifest.path}: model.entry: module file not found: {file}")
@@ -81,7 +91,7 @@ def load_model(manifest: Manifest, device: str | None = None) -> Model:
     with _lock:
         model = _cache.get(key)
         if model is None:
-            if manifest.weights and not (manifest.folder / manifest.weights).is_file():
+            if manifest.weights and not (manifest.folder / manifest.weights).exists():
                 raise ManifestError(f"{manifest.path}: model.weights: file not found: "
                                     f"{manifest.folder / manifest.weights}")
             cls = _import_entry(manifest)

@@ -8,11 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.peers import _port_open, _stop_process, free_port, wait_for
+from tests.peers import _port_open, _stop_process, free_port
 
 NODE_AE = "DICOM_AI_NODE"
 
@@ -26,7 +27,7 @@ class NodeProcess:
                  destination_ae: str = "ORTHANC", rules: str = "", quiet_period_s: float = 1.0,
                  allowed_callers: str = '{ ae_title = "STORESCU" }, { ae_title = "ECHOSCU" }',
                  node_extra: str = "", database_url: str | None = None, max_attempts: int = 3,
-                 backoff_s: float = 0.5, web: bool = False):
+                 backoff_s: float = 0.5, web: bool = False, model_paths: tuple[str | Path, ...] = ()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -37,6 +38,9 @@ class NodeProcess:
         self.web_port = free_port() if web else None
         self.web_url = f"http://127.0.0.1:{self.web_port}" if web else None
         web_section = (f"[web]\nport = {self.web_port}\n" if web else "[web]\nenabled = false\n")
+        # site model folders ([models] paths), e.g. a test's own exported model
+        models_section = ("[models]\npaths = " + json.dumps([str(p) for p in model_paths]) + "\n"
+                          if model_paths else "")
         destination = ""
         if destination_port:
             destination = (f'[[destinations]]\nname = "pacs"\nae_title = "{destination_ae}"\n'
@@ -62,6 +66,7 @@ quiet_period_s = {quiet_period_s}
 
 {web_section}
 
+{models_section}
 {destination}
 {rules}
 """)
@@ -75,13 +80,17 @@ quiet_period_s = {quiet_period_s}
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         log.close()
 
-        def ready():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
+        def ready() -> bool:
             return _port_open("127.0.0.1", self.port) and (
                 self.web_port is None or _port_open("127.0.0.1", self.web_port))
 
-        wait_for(ready, timeout=timeout, what=f"node listening on port {self.port}")
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.process.poll() is not None:  # fail at once, with the reason, not after the timeout
+                raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node not ready on port {self.port} after {timeout} s:\n{self.log()[-4000:]}")
+            time.sleep(0.1)
         return self
 
     def log(self) -> str:

@@ -200,10 +200,28 @@ def test_lung_model_finds_nothing_in_a_body_without_lungs(lung_model):
     assert output.segments[0].mask.sum() * 0.01 < 20  # under 20 mL (voxels are 0.01 mL)
 
 
+def test_lung_components_below_the_lungs_are_dropped():
+    """Colon gas that the network mistakes for lung lies below the lung bases: the anatomy-aware
+    component choice drops it even when it is larger than the lungs (scan of the lung bases)."""
+    from model_zoo.lung_ct_seg.model import keep_lung_components, superior_direction
+
+    mask = np.zeros((40, 60, 60), bool)
+    mask[30:40, 10:30, 5:25] = True  # right lung base (4000 voxels), top of the scan
+    mask[33:40, 10:30, 35:55] = True  # left lung base (2800 voxels), a little lower
+    mask[5:25, 35:55, 10:50] = True  # colon gas (16000 voxels), bulk far below the bases
+    lungs = mask.copy()
+    lungs[5:25] = False
+    assert np.array_equal(keep_lung_components(mask, 0.0156, superior=1), lungs)
+    # slices stored feet-first: the same anatomy, the rule follows the slice direction
+    flipped = keep_lung_components(mask[::-1], 0.0156, superior=-1)
+    assert np.array_equal(flipped, lungs[::-1])
+    # unknown orientation: plain largest-component rule (keeps the gas, as before)
+    assert keep_lung_components(mask, 0.0156, superior=0)[10, 40, 20]
+    assert superior_direction([0, 0, 1]) == 1 and superior_direction([0, 0, -1]) == -1
+    assert superior_direction([0, 1, 0]) == 0
+
+
 @requires_shared_data
-@pytest.mark.xfail(strict=True, reason="KNOWN FAILURE of weights 1.0.0 (MODEL_CARD.md): on this abdomen+lung-bases "
-                   "CT the network also marks colon gas, which is larger than the lung bases and wins the "
-                   "largest-component step (Dice 0.00). Remove this marker once retrained weights pass.")
 def test_lung_model_on_real_ct_against_totalsegmentator(lung_model):
     from model_zoo.lung_ct_seg.data import EVAL_CT, load_eval_case, volume_from_array
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pydicom import dcmread
 
 from tests.node_process import NODE_AE, node_factory  # noqa: F401
-from tests.peers import echoscu, skip_unless_tools, storescu, storescu_failures, write_tiny_ct
+from tests.peers import echoscu, skip_unless_tools, storescu, storescu_failures, wait_for, write_tiny_ct
 from tests.synthetic import make_ct_series
 
 pytestmark = [pytest.mark.integration, skip_unless_tools("storescu", "echoscu")]
@@ -91,3 +93,25 @@ def test_full_disk_gives_out_of_resources(node_factory, tmp_path):
     assert len(failures) == 1 and failures[0].status == "Refused: OutOfResources"
     assert rows(node, "select count(*) from instance") == [(0,)]
     assert "disk" in node.log()
+
+
+def test_several_receiver_processes_share_the_port(node_factory, tmp_path):
+    node = node_factory(node_extra="receivers = 2")
+    wait_for(lambda: len(_children(node.process.pid)) == 1, timeout=30, what="a second receiver process")
+    folders = []
+    for index in range(4):  # four concurrent associations, spread by the kernel across processes
+        series = make_ct_series(tmp_path / f"ct{index}", shape=(5, 16, 16), seed=f"multi{index}")
+        folders.append((tmp_path / f"ct{index}", series))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda f: storescu("127.0.0.1", node.port, f[0], NODE_AE), folders))
+    assert all(not storescu_failures(result) for result in results)
+    expected = {uid for _, series in folders for uid in series.sop_instance_uids}
+    assert {uid for (uid,) in rows(node, "select sop_instance_uid from instance")} == expected
+    child = _children(node.process.pid)[0]
+    node.stop()
+    wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=20, what="receiver process stopped")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(child) for child in handle.read().split()]

@@ -15,12 +15,14 @@ import threading
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
 from dicom_ai_node.config import NodeConfig, TlsConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Study, utcnow
-from dicom_ai_node.index import ReceivedInstance, record_instance
+from dicom_ai_node.index import ReceivedInstance
+from dicom_ai_node.receive.index_writer import IndexWriter
 from dicom_ai_node.receive.allow_list import is_allowed
 from dicom_ai_node.storage import DiskFullError, Storage, StorageError, is_valid_uid
 
@@ -49,12 +51,13 @@ class StorageSCP:
         self.database = database
         self.storage = storage
         self._server = None
-        # SQLite has one writer; serialising index writes here avoids busy retries.
-        self._index_lock = threading.Lock() if database.is_sqlite else _NoLock()
+        self._index = None  # IndexWriter, started with the listener
         self._studies_by_association: dict[int, set[str]] = {}
         self._known_series: set[str] = set()  # series whose study/series rows are committed
 
-    def start(self) -> None:
+    def start(self, shared_port: bool = False) -> None:
+        """Open the listener. ``shared_port``: several receiver processes listen on the same
+        port (SO_REUSEPORT) and the kernel spreads associations across them."""
         # Accept every storage SOP class, private and future ones included, in whatever
         # transfer syntax the sender proposes: the node stores bytes as received.
         _config.UNRESTRICTED_STORAGE_SERVICE = True
@@ -74,8 +77,12 @@ class StorageSCP:
             (evt.EVT_CONN_CLOSE, self._forget_association),
         ]
         ssl_context = server_ssl_context(self.config.tls) if self.config.tls else None
-        self._server = ae.start_server((self.config.host, self.config.port), block=False,
-                                       evt_handlers=handlers, ssl_context=ssl_context)
+        self._index = IndexWriter(self.database)
+        # what AE.start_server(block=False) does, with a server class that may share the port
+        self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
+                                      ssl_context=ssl_context,
+                                      server_class=_SharedPortServer if shared_port else ThreadedAssociationServer)
+        threading.Thread(target=self._server.serve_forever, name="dicom-listener", daemon=True).start()
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
                  self.config.port, " (TLS)" if ssl_context else "")
 
@@ -83,6 +90,13 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._index is not None:
+            self._index.stop()
+            self._index = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -164,8 +178,7 @@ class StorageSCP:
                                 sop_class_uid=sop_class, transfer_syntax_uid=str(transfer_syntax),
                                 path=path, size_bytes=size, calling_ae_title=calling_ae,
                                 header=header)
-        with self._index_lock, self.database.session() as session:
-            is_new = record_instance(session, item, series_known=series_uid in self._known_series)
+        is_new = self._index.record(item, series_known=series_uid in self._known_series)
         if len(self._known_series) > 100_000:
             self._known_series.clear()  # bounded; forgetting only costs two cheap inserts
         self._known_series.add(series_uid)
@@ -174,19 +187,15 @@ class StorageSCP:
         return study_uid
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    allow_reuse_port = True
+
+
 class _Refused(Exception):
     def __init__(self, status: int, reason: str):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _uid(dataset: Dataset, keyword: str) -> str:

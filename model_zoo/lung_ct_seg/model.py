@@ -116,15 +116,49 @@ def outside_air(hu: np.ndarray) -> np.ndarray:
     return np.isin(labels, edge[edge > 0])
 
 
-def keep_lung_components(mask: np.ndarray, min_fraction: float = 0.1, max_components: int = 2):
-    """The largest component plus the next one if it holds >= min_fraction of the largest's size."""
+def keep_lung_components(mask: np.ndarray, voxel_ml: float, superior: int = 1, min_ml: float = 20.0,
+                         min_fraction: float = 0.1, max_components: int = 2) -> np.ndarray:
+    """Anatomy-aware choice of the lung component(s) among the connected components of ``mask``.
+
+    1. Inferior rule (only when ``superior`` is +1 or -1, the direction of increasing slice index
+       towards the head): a component B is dropped when its centroid lies below the lowest slice
+       of another component A of at least ``min_ml`` and at least ``min_fraction`` of B's size.
+       Lungs sit on the diaphragm, so gas or fat that the network confuses with lung in the
+       abdomen (colon, stomach) has its bulk below the lung bases and is removed even when it is
+       larger than the lungs (scans covering only the lung bases). The left and right lung overlap
+       in height, so neither removes the other.
+    2. Of what is left, the largest component plus the next one if it holds at least
+       ``min_fraction`` of the largest's size (separate left and right lungs).
+    """
     labels = label_components(mask)
     ids, counts = np.unique(labels[labels > 0], return_counts=True)
     if ids.size == 0:
         return mask
+    alive = np.ones(ids.size, bool)
+    if superior in (1, -1):
+        z = np.arange(mask.shape[0]) if superior == 1 else np.arange(mask.shape[0])[::-1]
+        index = np.searchsorted(ids, labels[labels > 0])
+        z_of = np.broadcast_to(z[:, None, None], mask.shape)[labels > 0]
+        centroid = np.bincount(index, weights=z_of, minlength=ids.size) / counts
+        lowest = np.full(ids.size, np.inf)
+        np.minimum.at(lowest, index, z_of)
+        big = np.nonzero(counts * voxel_ml >= min_ml)[0]
+        for b in range(ids.size):
+            above = big[(big != b) & (counts[big] >= min_fraction * counts[b])]
+            alive[b] = not np.any(centroid[b] < lowest[above])
+    ids, counts = ids[alive], counts[alive]
     order = np.argsort(counts)[::-1][:max_components]
     keep = [ids[i] for i in order if counts[i] >= min_fraction * counts[order[0]]]
     return np.isin(labels, keep)
+
+
+def superior_direction(slice_direction) -> int:
+    """+1 when the slice index increases towards the head (LPS +z), -1 towards the feet, 0 when
+    the slices are not roughly axial (then no head-foot rule is applied)."""
+    if slice_direction is None:
+        return 0
+    dz = float(np.asarray(slice_direction, dtype=float)[2])
+    return 1 if dz > 0.5 else (-1 if dz < -0.5 else 0)
 
 
 class LungSegmentation:
@@ -138,22 +172,28 @@ class LungSegmentation:
         self.network.to(self.device).eval()
 
     @torch.inference_mode()
-    def coarse_probability(self, pixels: np.ndarray, spacing) -> np.ndarray:
-        """Lung probability on the coarse grid, after connected-component cleanup."""
+    def coarse_probability(self, pixels: np.ndarray, spacing, superior: int = 1) -> np.ndarray:
+        """Lung probability on the coarse grid, after connected-component cleanup.
+
+        ``superior``: +1 if the slice index increases towards the head, -1 if towards the feet,
+        0 if unknown / not axial (see ``superior_direction``).
+        """
         hu = downsample(pixels, spacing)
+        coarse_ml = float(np.prod([n * s for n, s in zip(pixels.shape, spacing)])) / hu[0, 0].numel() / 1000
         image = normalise_hu(hu).to(self.device)
         logits = sliding_window_inference(image, roi_size=ROI, sw_batch_size=1, predictor=self.network,
                                           overlap=0.25, mode="gaussian")
         probability = torch.sigmoid(logits)[0, 0].float().cpu().numpy()
         probability[outside_air(hu[0, 0].numpy())] = 0.0
-        keep = keep_lung_components(probability > 0.5)
+        keep = keep_lung_components(probability > 0.5, coarse_ml, superior)
         # keep the soft edge just outside the kept components so the upsampled border stays smooth
         grown = F.max_pool3d(torch.from_numpy(keep.astype(np.float32))[None, None], 3, 1, 1)[0, 0].numpy() > 0
         return np.where(grown, probability, 0.0).astype(np.float32)
 
     def predict(self, volume) -> ModelOutput:
         pixels = volume.pixels
-        probability = self.coarse_probability(pixels, volume.spacing)
+        probability = self.coarse_probability(pixels, volume.spacing,
+                                              superior_direction(getattr(volume, "slice_direction", None)))
         mask, volume_ml, mean_hu, emphysema = self._upsample_and_measure(probability, pixels,
                                                                         volume.voxel_volume_ml)
         area = mask.sum(axis=(1, 2))
