@@ -201,10 +201,12 @@ def test_destinations_crud_and_echo(web, admin):
 
 
 def test_models_enable_disable(web, admin):
-    models = admin.get("/api/models").json()
-    assert models[0]["name"] == "lung_ct_seg" and models[0]["enabled"] is True
+    def lung():
+        return next(m for m in admin.get("/api/models").json() if m["name"] == "lung_ct_seg")
+
+    assert lung()["enabled"] is True
     assert admin.post("/api/models/lung_ct_seg/disable").status_code == 200
-    assert admin.get("/api/models").json()[0]["enabled"] is False
+    assert lung()["enabled"] is False
     assert admin.post("/api/models/nope/disable").status_code == 404
     assert admin.post("/api/models/lung_ct_seg/enable").status_code == 200
     assert audit_actions(web).count("models.disable") == 1
