@@ -6,9 +6,11 @@ Pipeline (``LungSegmentation.predict``):
    bounded by the output), clip and scale HU to about [-1, 1].
 2. Run the UNet with ``sliding_window_inference`` over fixed-size windows, so memory stays
    bounded whatever the number of slices.
-3. Zero the probability in air outside the patient (classical guard, see ``outside_air``), keep
-   the largest connected component(s) of the coarse lung probability (left and right lungs
-   may be separate components), zero the rest.
+3. Zero the probability in air outside the patient (classical guard, see ``outside_air``), drop
+   connected components whose bulk lies below (inferior to) another large component (colon or
+   stomach gas under the lung bases, see ``keep_lung_components``; uses the volume's slice
+   direction), keep the largest remaining component(s) (left and right lungs may be separate
+   components), zero the rest.
 4. Upsample the probability back onto the input grid exactly (trilinear, half-voxel-centred
    geometry that inverts the area downsampling), slab by slab, threshold at 0.5, and compute the
    measurements on the original HU values in the same pass.

@@ -1,9 +1,11 @@
-"""Rebuild weights.pt: train the lung UNet on CPU (about 16 minutes on 2 cores), fixed seed.
+"""Rebuild weights.pt: train the lung UNet on CPU (about 19 minutes on 1 thread), fixed seed.
 
     .venv/bin/python -m model_zoo.lung_ct_seg.train [--data ../shared/data] [--steps 1000]
 
 Training data (all on the model's 2.5 mm grid):
-* synthetic chest/abdomen phantoms with exact labels (make_phantom), half of every batch;
+* synthetic chest/abdomen phantoms with exact labels (make_phantom), half of every batch, with
+  hard negatives below the diaphragm (bowel/stomach gas pockets of -1000..-600 HU, abdominal
+  fat) and bodies that may be cut by the field of view;
 * one real chest CTA (two overlapping crops from the TotalSegmentator test files) with labels
   from the classical method in data.classical_lung_labels.
 The evaluation case (data.EVAL_CT, another patient) is never read here.
