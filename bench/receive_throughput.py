@@ -65,13 +65,16 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=400)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--j2k", action="store_true", help="JPEG 2000 lossless variant")
+    parser.add_argument("--receivers", type=int, default=2, help="[node] receivers for the node")
+    parser.add_argument("--only", choices=["node", "storescp", "orthanc"], action="append",
+                        help="measure only these receivers (repeatable)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dicom-ai-node-bench"))
     args = parser.parse_args()
     files = make_series(Path(args.cache) / f"ct{args.slices}{'-j2k' if args.j2k else ''}", args.slices, args.j2k)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     results: dict[str, dict[int, float]] = {}
 
-    for receiver in ("node", "storescp", "orthanc"):
+    for receiver in args.only or ("node", "storescp", "orthanc"):
         results[receiver] = {}
         for associations in (1, 4):
             times = []
@@ -80,7 +83,7 @@ def main() -> None:
                     if receiver == "node":
                         peer = NodeProcess(Path(workdir), quiet_period_s=3600.0, rules="")
                         peer.config_path.write_text(peer.config_path.read_text().replace(
-                            'log_level = "DEBUG"', 'log_level = "WARNING"'))
+                            'log_level = "DEBUG"', f'log_level = "WARNING"\nreceivers = {args.receivers}'))
                         peer.start()
                         port, ae = peer.port, NODE_AE
                     elif receiver == "storescp":
@@ -101,7 +104,7 @@ def main() -> None:
     for receiver, by_assoc in results.items():
         for associations, seconds in by_assoc.items():
             print(f"{receiver:10} {associations:>5} {len(files) / seconds:8.0f} {megabytes / seconds:7.1f}")
-    for associations in (1, 4):
+    for associations in (1, 4) if {"node", "storescp", "orthanc"} <= set(results) else ():
         node = results["node"][associations]
         print(f"{associations} assoc: node/storescp {results['storescp'][associations] / node:.2f}x, "
               f"node/orthanc {results['orthanc'][associations] / node:.2f}x")
