@@ -88,15 +88,11 @@ def _database(args):
 
 
 def _serve(args) -> int:
+    from dicom_ai_node import logs
     from dicom_ai_node.node import Node, StartupError
 
     config = _config(args)
-    logging.basicConfig(level=config.node.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    for noisy in ("alembic", "highdicom"):  # per-attribute chatter, never useful to an admin
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(config.node.log_level, config.node.log_phi)
     node = Node(config)
     try:
         node.start()

@@ -11,11 +11,11 @@ delivery stay in the main process, which reads what they wrote from the database
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import threading
 
+from dicom_ai_node import logs
 from dicom_ai_node.config import load_config
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.receive.scp import StorageSCP
@@ -27,9 +27,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     args = parser.parse_args()
     config = load_config(args.config)
-    logging.basicConfig(level=config.node.log_level,
-                        format=f"%(asctime)s %(levelname)s receiver-{os.getpid()} %(name)s: %(message)s")
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logs.configure(config.node.log_level, config.node.log_phi, process_label=f"receiver-{os.getpid()} ")
     parent = os.getppid()
     database = Database(config.database_url)  # the main process has migrated the schema
     storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
