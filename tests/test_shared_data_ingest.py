@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 
 import pytest
+from pydicom import dcmread
 
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.node_process import NODE_AE, node_factory  # noqa: F401
@@ -35,6 +36,19 @@ def sop_instance_uid(path) -> str:
     result = subprocess.run(["dcmdump", "-q", "+P", "0008,0018", str(path)], capture_output=True,
                             text=True, timeout=30)
     return result.stdout.split("[", 1)[1].split("]", 1)[0].rstrip("\x00 ")
+
+
+def patient_names(paths) -> set[str]:
+    names = set()
+    for path in paths:
+        try:
+            name = str(dcmread(path, stop_before_pixels=True, force=True, specific_tags=["PatientName"])
+                       .get("PatientName", "")).strip()
+        except Exception:
+            continue
+        if len(name) >= 4 and not name.isdigit():  # short or numeric strings match by chance
+            names.add(name)
+    return names
 
 
 def send_in_batches(port: int, files: list, size: int = 100) -> list:
@@ -73,5 +87,7 @@ def test_every_shared_file_is_stored_or_refused_with_a_reason(node_factory):
         assert sop_uid in indexed, f"{outcome.path} acknowledged but not indexed"
     log = node.log()
     assert log.count("refused C-STORE") >= len(refused)
+    leaked = sorted(name for name in patient_names(o.path for o in accepted) if name in log)
+    assert not leaked, f"patient names in the log: {leaked[:5]}"
     print(f"{len(files)} DICOM files: {len(accepted)} stored, {len(refused)} refused with a status, "
           f"{len(outcomes) - len(accepted) - len(refused)} not sent by storescu; {len(indexed)} indexed")
