@@ -328,3 +328,64 @@ def test_derived_series_keeps_geometry_and_values(job, tmp_path):
     _same_patient_and_study(first, job.headers[0])
     assert first.FrameOfReferenceUID == job.headers[0].FrameOfReferenceUID
     assert _has_processing_algorithm(first, job.manifest)
+
+
+def _shoelace(points) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+
+
+def test_sr_planar_roi_outlines_the_segment_on_its_key_slice(job):
+    """Per segment a TID 1410 group (what OHIF's SR viewport draws): a closed POLYLINE on the
+    source image of the key slice, on the boundary of the segment's largest region, and its area."""
+    seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
+    sr = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg)
+    path = job.save(sr, "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+
+    planar = sr.content.get_planar_roi_measurement_groups()
+    assert len(planar) == 2  # one per segment, next to the two volumetric groups
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == 2
+    lung = next(g for g in planar if g.tracking_identifier == "Lungs")
+    assert lung.tracking_uid == seg.SegmentSequence[0].TrackingUID  # same finding as SEG and volume group
+
+    mask = job.series.lung_mask
+    key = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+    region = lung.roi
+    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    source = region.ContentSequence[0].ReferencedSOPSequence[0]
+    assert source.ReferencedSOPInstanceUID == job.volume.source_frames[key].sop_instance_uid
+    assert source.ReferencedSOPClassUID == job.headers[0].SOPClassUID
+
+    points = region.value  # (column, row) image coordinates, (0, 0) = top left corner of the image
+    assert 4 <= len(points) <= 201
+    np.testing.assert_array_equal(points[0], points[-1])  # closed
+    slice_mask = np.pad(mask[key], 1)  # index + 1: a corner (x, y) touches pixels [y-1:y+1, x-1:x+1]
+    for x, y in points:
+        assert float(x).is_integer() and float(y).is_integer()  # pixel corners
+        around = slice_mask[int(y):int(y) + 2, int(x):int(x) + 2]
+        assert around.any() and not around.all(), (x, y)  # on the boundary: inside and outside pixels meet
+
+    from dicom_ai_node.results.sr import largest_region
+    largest = largest_region(mask[key])
+    pixel_area = job.volume.spacing[1] * job.volume.spacing[2]
+    (area,) = [m for m in lung.get_measurements() if m.name.value == "42798000"]
+    assert area.unit.value == "mm2"
+    assert area.value == pytest.approx(largest.sum() * pixel_area, rel=1e-6)
+    assert _shoelace(points) * pixel_area == pytest.approx(area.value, rel=0.05)
+
+
+def test_outline_of_a_large_region_is_simplified_but_stays_on_its_boundary():
+    from dicom_ai_node.results.sr import MAX_OUTLINE_POINTS, largest_region, region_outline
+    rows, cols = np.mgrid[:400, :400]
+    mask = ((rows - 200) / 170.0) ** 2 + ((cols - 190) / 120.0) ** 2 < 1
+    mask[:, 300:] |= (rows[:, 300:] - 50) ** 2 + (cols[:, 300:] - 350) ** 2 < 400  # a smaller second region
+    region = largest_region(mask)
+    assert region.sum() < mask.sum() and region[200, 190]
+    outline = region_outline(region)
+    assert len(outline) <= MAX_OUTLINE_POINTS + 1
+    assert _shoelace(outline) == pytest.approx(region.sum(), rel=0.02)
+    padded = np.pad(region, 1)
+    assert all(padded[int(y):int(y) + 2, int(x):int(x) + 2].any()
+               and not padded[int(y):int(y) + 2, int(x):int(x) + 2].all() for x, y in outline)

@@ -1,8 +1,13 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) for a model's measurements and findings.
 
 Layout (one group = one TID 1410/1411/1501 "Measurement Group"):
-- one volumetric ROI group per SEG segment: references the segment, holds the measurements
-  the model took on it;
+- one volumetric ROI group (TID 1411) per SEG segment: references the segment, holds the
+  measurements the model took on it;
+- one planar ROI group (TID 1410) per non-empty segment, on its key slice: the outline of the
+  segment's largest region there as a closed POLYLINE on the source image, and its area (mm2).
+  It has the same tracking UID as the volumetric group (same finding). Viewers that draw SR
+  graphics (OHIF's SR viewport draws only groups with an image SCOORD, and merges groups by
+  tracking UID) show the outline with all the segment's measurements;
 - one image-level group per qualitative finding: the coded value plus its probability (%);
 - one image-level group for measurements not tied to a segment (or when there is no SEG).
 Image-level groups reference the source images. The report is UNVERIFIED and goes into the
@@ -11,9 +16,11 @@ source study.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -24,6 +31,8 @@ from model_zoo.base import Measurement, ModelOutput
 from model_zoo.manifest import Manifest
 
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+SQUARE_MM = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
+MAX_OUTLINE_POINTS = 200  # OHIF draws every point; a few hundred keep the SR small and fast
 PROCEDURE_BY_MODALITY = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": codes.LN.MRIUnspecifiedBodyRegion,
@@ -64,6 +73,9 @@ def build_measurement_report(
                 measurements=[_measurement(m, manifest, algorithm)
                               for m in output.measurements if m.segment == segment.name],
             ))
+            planar = _planar_roi_group(segment, spec, volume, output, uid_seed, algorithm)
+            if planar is not None:
+                groups.append(planar)
 
     image_references = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_images]
     for finding in output.findings:
@@ -130,6 +142,165 @@ def _referenced_segment(segmentation: Dataset, number: int, source_images: list[
         source_images=[hd.sr.SourceImageForSegmentation(ds.SOPClassUID, ds.SOPInstanceUID)
                        for ds in source_images],
     )
+
+
+def _planar_roi_group(segment, spec, volume: Volume, output: ModelOutput, uid_seed: str, algorithm):
+    """TID 1410 group: outline and area of the segment's largest region on its key slice."""
+    index = segment_key_slice(segment.mask, output.key_slices)
+    if index is None:
+        return None
+    region = largest_region(np.asarray(segment.mask[index], dtype=bool))
+    outline = region_outline(region)
+    frame = volume.source_frames[index]
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=frame.sop_class_uid,
+        referenced_sop_instance_uid=frame.sop_instance_uid,
+        referenced_frame_numbers=[frame.frame_number] if frame.frame_number is not None else None,
+    )
+    area_mm2 = float(region.sum()) * volume.spacing[1] * volume.spacing[2]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(uid_seed, segment.name), identifier=spec.label[:64]),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=source,
+        ),
+        finding_type=spec.type.to_highdicom(),
+        finding_category=spec.category.to_highdicom(),
+        algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(name=codes.SCT.Area, value=round(area_mm2, 3), unit=SQUARE_MM,
+                                        algorithm_id=algorithm)],
+    )
+
+
+def segment_key_slice(mask: np.ndarray, key_slices: Sequence[int] = ()) -> int | None:
+    """The slice to outline a segment on: of the model's key slices that contain the segment,
+    the one where it is largest; else the slice where it is largest; None if it is empty."""
+    areas = np.asarray(mask, dtype=bool).reshape(mask.shape[0], -1).sum(axis=1)
+    candidates = [i for i in dict.fromkeys(key_slices) if 0 <= i < len(areas) and areas[i] > 0]
+    if not candidates:
+        candidates = [int(i) for i in np.flatnonzero(areas)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda i: (areas[i], -i))
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a 2D mask (the first in raster order on a tie)."""
+    rows, cols = mask.shape
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, label = 0, 0, 0
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start] = label
+        size, queue = 0, deque([start])
+        while queue:
+            r, c = queue.popleft()
+            size += 1
+            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= nr < rows and 0 <= nc < cols and mask[nr, nc] and not labels[nr, nc]:
+                    labels[nr, nc] = label
+                    queue.append((nr, nc))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else np.zeros(mask.shape, dtype=bool)
+
+
+# Directions in image coordinates (x = column, y = row, y pointing down), clockwise order.
+_RIGHT, _DOWN, _LEFT, _UP = (1, 0), (0, 1), (-1, 0), (0, -1)
+_CLOCKWISE = [_RIGHT, _DOWN, _LEFT, _UP]
+
+
+def region_outline(region: np.ndarray, max_points: int = MAX_OUTLINE_POINTS) -> np.ndarray:
+    """Closed outer outline of one 4-connected region, as (column, row) image coordinates.
+
+    DICOM image coordinates: (0, 0) is the top left corner of the top left pixel, so every
+    vertex is a pixel corner on the region's boundary (between pixels inside and outside).
+    The crack-following trace encloses exactly the region's pixels (holes included); straight
+    runs are merged and, above ``max_points``, the outline is simplified (Douglas-Peucker, on
+    its own vertices). The first point is repeated at the end.
+    """
+    if not region.any():
+        raise ValueError("the region is empty")
+    padded = np.pad(region, 1)
+    edges: set[tuple[int, int, int, int]] = set()  # (x, y, dx, dy): boundary edge, region on its right
+    for r, c in zip(*np.nonzero(region)):
+        pr, pc = r + 1, c + 1
+        if not padded[pr - 1, pc]:
+            edges.add((c, r, *_RIGHT))
+        if not padded[pr, pc + 1]:
+            edges.add((c + 1, r, *_DOWN))
+        if not padded[pr + 1, pc]:
+            edges.add((c + 1, r + 1, *_LEFT))
+        if not padded[pr, pc - 1]:
+            edges.add((c, r + 1, *_UP))
+    r0, c0 = (int(v[0]) for v in np.nonzero(region))  # raster-first pixel: its top edge is outer
+    start = (c0, r0, *_RIGHT)
+    points, edge = [], start
+    while True:
+        x, y, dx, dy = edge
+        points.append((x, y))
+        nx, ny = x + dx, y + dy
+        turn = _CLOCKWISE.index((dx, dy))
+        for step in (1, 0, 3):  # right turn first: diagonal neighbours are not connected
+            ndx, ndy = _CLOCKWISE[(turn + step) % 4]
+            if (nx, ny, ndx, ndy) in edges:
+                edge = (nx, ny, ndx, ndy)
+                break
+        else:  # pragma: no cover - a closed boundary always continues
+            raise RuntimeError("outline trace lost the boundary")
+        if edge == start:
+            break
+    corners = [p for i, p in enumerate(points)
+               if _direction(points[i - 1], p) != _direction(p, points[(i + 1) % len(points)])]
+    outline = np.array(corners, dtype=float)
+    if len(outline) > max_points:
+        outline = _simplified(outline, max_points)
+    return np.vstack([outline, outline[:1]])
+
+
+def _direction(a, b) -> tuple[int, int]:
+    return (int(np.sign(b[0] - a[0])), int(np.sign(b[1] - a[1])))
+
+
+def _simplified(ring: np.ndarray, max_points: int) -> np.ndarray:
+    """Douglas-Peucker on a closed ring, tolerance doubled until at most ``max_points`` remain."""
+    far = int(np.argmax(np.linalg.norm(ring - ring[0], axis=1)))  # split the ring at two far points
+    halves = [np.vstack([ring[:far + 1]]), np.vstack([ring[far:], ring[:1]])]
+    tolerance = 0.5
+    while True:
+        keep = [_douglas_peucker(half, tolerance) for half in halves]
+        ring_out = np.vstack([keep[0][:-1], keep[1][:-1]])
+        if len(ring_out) <= max_points:
+            return ring_out
+        tolerance *= 2
+
+
+def _douglas_peucker(line: np.ndarray, tolerance: float) -> np.ndarray:
+    keep = np.zeros(len(line), dtype=bool)
+    keep[[0, -1]] = True
+    stack = [(0, len(line) - 1)]
+    while stack:
+        first, last = stack.pop()
+        if last - first < 2:
+            continue
+        a, b = line[first], line[last]
+        segment = b - a
+        length = np.hypot(*segment)
+        offsets = line[first + 1:last] - a
+        if length == 0:
+            distances = np.hypot(offsets[:, 0], offsets[:, 1])
+        else:
+            distances = np.abs(segment[0] * offsets[:, 1] - segment[1] * offsets[:, 0]) / length
+        worst = int(np.argmax(distances))
+        if distances[worst] > tolerance:
+            split = first + 1 + worst
+            keep[split] = True
+            stack += [(first, split), (split, last)]
+    return line[keep]
 
 
 def _measurement(measurement: Measurement, manifest: Manifest, algorithm) -> hd.sr.Measurement:
