@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -49,11 +51,13 @@ def read_header(path: str | Path) -> Dataset:
         raise VolumeError(f"{Path(path).name} could not be read as a DICOM file: {error}") from None
 
 
-def load_series(paths: list[str | Path]) -> Volume:
-    """Assemble the files of one series into a Volume sorted along the slice normal."""
+def load_series(paths: list[str | Path], headers: list[Dataset] | None = None) -> Volume:
+    """Assemble the files of one series into a Volume sorted along the slice normal.
+
+    ``headers``: the files' headers when the caller has read them already (same order)."""
     if not paths:
         raise VolumeError("The series has no files.")
-    headers = [read_header(path) for path in paths]
+    headers = headers if headers is not None else [read_header(path) for path in paths]
     _check_one_series(headers, paths)
     frames = [frame for path, header in zip(paths, headers) for frame in _frames_of(header, str(path))]
     if len(frames) < 2:
@@ -248,27 +252,31 @@ def _read_pixels(frames: list[_Frame], out: np.ndarray) -> None:
     """Decode every frame into its slot of ``out`` with rescale applied (one file open per file)."""
     slot_of = {(f.path, f.frame_number or 1): index for index, f in enumerate(frames)}
     for path in dict.fromkeys(frame.path for frame in frames):
-        try:
-            for number, stored in enumerate(iter_pixels(path), start=1):
-                index = slot_of.get((path, number))
-                if index is None:
-                    continue
-                if stored.shape != out.shape[1:]:
-                    raise VolumeError(
-                        f"{_describe(frames[index])}: decoded pixels have shape {stored.shape}, "
-                        f"expected {out.shape[1:]} (colour or corrupt image)."
-                    )
-                frame = frames[index]
-                np.multiply(stored, frame.slope, out=out[index], casting="unsafe")
-                out[index] += frame.intercept
-        except VolumeError:
-            raise
-        except Exception as error:  # decoders raise many types; all mean "cannot decode"
-            syntax = _transfer_syntax_name(path)
-            raise VolumeError(
-                f"The pixel data of {Path(path).name} ({syntax}) could not be decoded: {error}. "
-                "Ask the sender to use an uncompressed or standard JPEG/JPEG 2000/RLE transfer syntax."
-            ) from None
+        _read_file_pixels(path, frames, slot_of, out)
+
+
+def _read_file_pixels(path: str, frames: list[_Frame], slot_of: dict, out: np.ndarray) -> None:
+    try:
+        for number, stored in enumerate(iter_pixels(path), start=1):
+            index = slot_of.get((path, number))
+            if index is None:
+                continue
+            if stored.shape != out.shape[1:]:
+                raise VolumeError(
+                    f"{_describe(frames[index])}: decoded pixels have shape {stored.shape}, "
+                    f"expected {out.shape[1:]} (colour or corrupt image)."
+                )
+            frame = frames[index]
+            np.multiply(stored, frame.slope, out=out[index], casting="unsafe")
+            out[index] += frame.intercept
+    except VolumeError:
+        raise
+    except Exception as error:  # decoders raise many types; all mean "cannot decode"
+        syntax = _transfer_syntax_name(path)
+        raise VolumeError(
+            f"The pixel data of {Path(path).name} ({syntax}) could not be decoded: {error}. "
+            "Ask the sender to use an uncompressed or standard JPEG/JPEG 2000/RLE transfer syntax."
+        ) from None
 
 
 def _transfer_syntax_name(path: str) -> str:
@@ -287,14 +295,30 @@ _PER_IMAGE = {"SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "Slice
 def _series_attributes(headers: list[Dataset]) -> dict:
     """Top-level public, non-sequence values that every file of the series shares."""
     attributes = {}
-    for element in headers[0]:
-        keyword = element.keyword
-        if not keyword or element.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "UN") or keyword in _PER_IMAGE:
+    first = headers[0]
+    for tag in list(first.keys()):
+        first_raw = first.get_item(tag, keep_deferred=True)  # before first[tag] decodes it
+        keyword = keyword_for_tag(tag)
+        if not keyword or first_raw.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "UN") or keyword in _PER_IMAGE:
+            continue
+        element = first[tag]
+        if element.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "UN"):
             continue
         value = _plain(element.value)
-        if all(_plain(header.get(keyword)) == value for header in headers[1:]):
+        if all(_same_value(header, tag, first_raw, value) for header in headers[1:]):
             attributes[keyword] = value
     return attributes
+
+
+def _same_value(header: Dataset, tag, first_raw, value) -> bool:
+    """Compare undecoded bytes when both are still raw: decoding 400 headers costs seconds."""
+    raw = header.get_item(tag, keep_deferred=True)
+    if raw is None:
+        return False
+    if isinstance(raw, RawDataElement) and isinstance(first_raw, RawDataElement) and raw.VR == first_raw.VR:
+        if raw.value == first_raw.value:
+            return True
+    return _plain(header[tag].value) == value
 
 
 def _plain(value):

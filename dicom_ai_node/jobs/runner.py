@@ -86,7 +86,8 @@ class JobRunner:
 
         started = time.perf_counter()
         try:
-            volume = load_series(paths)
+            headers = [read_header(path) for path in paths]  # once: for the volume and the results
+            volume = load_series(paths, headers)
         except VolumeError as error:
             raise JobFailed(f"series cannot be used as a volume: {error}") from None
         timings["load_s"] = _since(started)
@@ -101,7 +102,8 @@ class JobRunner:
 
         self._set_state(job.id, JobState.encoding)
         started = time.perf_counter()
-        sources = [read_header(path) for path in dict.fromkeys(f.path for f in volume.source_frames)]
+        header_of = {str(path): header for path, header in zip(paths, headers)}
+        sources = [header_of[str(path)] for path in dict.fromkeys(f.path for f in volume.source_frames)]
         uid_seed = f"dicom-ai-node job {job.id} {job.input_fingerprint} {manifest.name} {manifest.version}"
         objects = encode_results(sources, volume, output, manifest, uid_seed)
         written = []

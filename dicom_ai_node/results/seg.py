@@ -83,7 +83,7 @@ def build_segmentation(
 def _checked_mask(mask: np.ndarray, volume: Volume, name: str) -> np.ndarray:
     if mask.shape != volume.shape:
         raise ValueError(f"mask of segment {name!r} has shape {mask.shape}, the volume {volume.shape}")
-    return mask.astype(bool)
+    return np.asarray(mask, dtype=bool)  # no copy when it is boolean already
 
 
 def _in_source_frame_order(masks: np.ndarray, volume: Volume, source_images: list[Dataset]) -> np.ndarray:
