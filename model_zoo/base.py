@@ -50,6 +50,9 @@ class ModelOutput:
     saliency: np.ndarray | None = None
     # Slice indices a radiologist should look at first; the encoder picks some when empty.
     key_slices: list[int] = field(default_factory=list)
+    # Where the measurements without a segment were taken (bool, input grid), e.g. the uniform
+    # region a noise measurement used; the SR outlines it so viewers can show it.
+    measurement_region: np.ndarray | None = None
 
 
 class Model(Protocol):

@@ -389,3 +389,30 @@ def test_outline_of_a_large_region_is_simplified_but_stays_on_its_boundary():
     padded = np.pad(region, 1)
     assert all(padded[int(y):int(y) + 2, int(x):int(x) + 2].any()
                and not padded[int(y):int(y) + 2, int(x):int(x) + 2].all() for x, y in outline)
+
+
+def test_sr_outlines_where_a_classifier_looked_and_where_measurements_were_taken(job):
+    """Findings with a saliency map and measurements with a measurement region become planar
+    ROI groups (drawable in OHIF) on the key slice, not image-level groups."""
+    saliency = np.zeros(job.volume.shape, dtype=np.float32)
+    saliency[4, 5:12, 6:15] = 1.0  # the model looked here
+    saliency[4, 13:16, 20:22] = 0.3  # below half the maximum: not outlined
+    uniform = np.zeros(job.volume.shape, dtype=bool)
+    uniform[6, 10:14, 10:20] = True  # where the image-level measurement was taken
+    output = ModelOutput(findings=[Finding("emphysema", "present", 0.9)],
+                         measurements=[Measurement("mean_hu", -5.0, None)],
+                         saliency=saliency, measurement_region=uniform)
+    sr = build_measurement_report(job.headers, job.volume, output, lung_manifest("classification"), "cls", 301)
+    path = job.save(sr, "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    planar = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    assert len(planar) == 2
+    finding = next(g for g in planar if g.tracking_identifier == "emphysema")
+    measured = next(g for g in planar if g.tracking_identifier != "emphysema")
+    for group, index, box in ((finding, 4, (6, 5, 15, 12)), (measured, 6, (10, 10, 20, 14))):
+        source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == job.volume.source_frames[index].sop_instance_uid
+        points = group.roi.value
+        assert (points.min(axis=0).tolist(), points.max(axis=0).tolist()) == ([box[0], box[1]], [box[2], box[3]])
+    assert "52101004" in [e.value.value for e in finding.get_qualitative_evaluations()]
+    assert [m.value for m in measured.get_measurements()] == [-5.0]

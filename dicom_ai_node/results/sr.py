@@ -8,9 +8,13 @@ Layout (one group = one TID 1410/1411/1501 "Measurement Group"):
   It has the same tracking UID as the volumetric group (same finding). Viewers that draw SR
   graphics (OHIF's SR viewport draws only groups with an image SCOORD, and merges groups by
   tracking UID) show the outline with all the segment's measurements;
-- one image-level group per qualitative finding: the coded value plus its probability (%);
-- one image-level group for measurements not tied to a segment (or when there is no SEG).
-Image-level groups reference the source images. The report is UNVERIFIED and goes into the
+- one group per qualitative finding: the coded value plus its probability (%); a planar ROI
+  group outlining where the model looked (saliency >= half its maximum, on the key slice)
+  when the model gives a saliency map, else an image-level group;
+- one group for measurements not tied to a segment (or when there is no SEG): a planar ROI
+  group outlining ``ModelOutput.measurement_region`` when the model says where it measured,
+  else an image-level group.
+Image-level groups reference the source images; OHIF draws only the planar ones. The report is UNVERIFIED and goes into the
 source study.
 """
 
@@ -87,7 +91,7 @@ def build_measurement_report(
         probability = hd.sr.Measurement(
             name=codes.DCM.Probability, value=round(100.0 * finding.probability, 3), unit=PERCENT,
             algorithm_id=algorithm)
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        common_items = dict(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=common.new_uid(uid_seed, "tracking", "finding", finding.name), identifier=finding.name[:64]),
             finding_type=spec.concept.to_highdicom(),
@@ -95,18 +99,33 @@ def build_measurement_report(
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 spec.concept.to_highdicom(), spec.values[finding.value].to_highdicom())],
             measurements=[probability],
-            source_images=image_references,
-        ))
+        )
+        # Where the model looked (saliency above half its maximum), outlined on the key slice:
+        # viewers such as OHIF draw only groups that carry an image region.
+        salient = None if output.saliency is None else output.saliency >= 0.5 * float(output.saliency.max() or 1)
+        region = _image_region(salient, volume, output.key_slices) if salient is not None else None
+        if region is not None:
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=region[0], **common_items))
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(source_images=image_references,
+                                                                      **common_items))
 
     if image_level_measurements:
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=common.new_uid(uid_seed, "tracking", "image-measurements"),
-                identifier=f"{manifest.algorithm_name} measurements"[:64]),
-            algorithm_id=algorithm,
-            measurements=[_measurement(m, manifest, algorithm) for m in image_level_measurements],
-            source_images=image_references,
-        ))
+        tracking = hd.sr.TrackingIdentifier(uid=common.new_uid(uid_seed, "tracking", "image-measurements"),
+                                            identifier=f"{manifest.algorithm_name} measurements"[:64])
+        measurements = [_measurement(m, manifest, algorithm) for m in image_level_measurements]
+        region = None
+        if output.measurement_region is not None:
+            region = _image_region(output.measurement_region, volume, output.key_slices)
+        if region is not None:
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking, referenced_region=region[0], algorithm_id=algorithm,
+                measurements=measurements))
+        else:
+            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking, algorithm_id=algorithm, measurements=measurements,
+                source_images=image_references))
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(manifest),
@@ -146,32 +165,38 @@ def _referenced_segment(segmentation: Dataset, number: int, source_images: list[
 
 def _planar_roi_group(segment, spec, volume: Volume, output: ModelOutput, uid_seed: str, algorithm):
     """TID 1410 group: outline and area of the segment's largest region on its key slice."""
-    index = segment_key_slice(segment.mask, output.key_slices)
-    if index is None:
+    region = _image_region(segment.mask, volume, output.key_slices)
+    if region is None:
         return None
-    region = largest_region(np.asarray(segment.mask[index], dtype=bool))
-    outline = region_outline(region)
-    frame = volume.source_frames[index]
-    source = hd.sr.SourceImageForRegion(
-        referenced_sop_class_uid=frame.sop_class_uid,
-        referenced_sop_instance_uid=frame.sop_instance_uid,
-        referenced_frame_numbers=[frame.frame_number] if frame.frame_number is not None else None,
-    )
-    area_mm2 = float(region.sum()) * volume.spacing[1] * volume.spacing[2]
+    image_region, area_mm2 = region
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(uid_seed, segment.name), identifier=spec.label[:64]),
-        referenced_region=hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=outline,
-            source_image=source,
-        ),
+        referenced_region=image_region,
         finding_type=spec.type.to_highdicom(),
         finding_category=spec.category.to_highdicom(),
         algorithm_id=algorithm,
         measurements=[hd.sr.Measurement(name=codes.SCT.Area, value=round(area_mm2, 3), unit=SQUARE_MM,
                                         algorithm_id=algorithm)],
     )
+
+
+def _image_region(mask: np.ndarray, volume: Volume, key_slices: Sequence[int]):
+    """(ImageRegion, area in mm2) outlining the largest region of ``mask`` on its key slice,
+    as a closed POLYLINE on that slice's source image; None when the mask is empty."""
+    index = segment_key_slice(mask, key_slices)
+    if index is None:
+        return None
+    region = largest_region(np.asarray(mask[index], dtype=bool))
+    frame = volume.source_frames[index]
+    source = hd.sr.SourceImageForRegion(
+        referenced_sop_class_uid=frame.sop_class_uid,
+        referenced_sop_instance_uid=frame.sop_instance_uid,
+        referenced_frame_numbers=[frame.frame_number] if frame.frame_number is not None else None,
+    )
+    image_region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                                     graphic_data=region_outline(region), source_image=source)
+    return image_region, float(region.sum()) * volume.spacing[1] * volume.spacing[2]
 
 
 def segment_key_slice(mask: np.ndarray, key_slices: Sequence[int] = ()) -> int | None:
