@@ -15,6 +15,17 @@ from model_zoo.manifest import Manifest
 SERIES_NUMBER = {"seg": 9001, "sr": 9002, "key_image": 9003, "derived": 9004}
 
 
+def derivation_description(manifest: Manifest) -> str:
+    """What was done to make a derived series: [model.options] derivation_description, else the
+    model's description, naming the algorithm either way (DerivationDescription, ST)."""
+    text = str(manifest.extra.get("derivation_description") or "").strip()
+    if not text:
+        text = f"Processed by {manifest.algorithm_name} {manifest.algorithm_version}"
+        if manifest.description:
+            text += f": {manifest.description}"
+    return text[:1024]
+
+
 def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
                    manifest: Manifest, uid_seed: str) -> list[tuple[str, Dataset]]:
     """All result objects of one job as (kind, dataset); UIDs derive from ``uid_seed``, so
@@ -29,7 +40,8 @@ def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
         from dicom_ai_node.results.derived import build_derived_series
 
         for image in build_derived_series(sources, volume, output, manifest, uid_seed,
-                                          SERIES_NUMBER["derived"]):
+                                          SERIES_NUMBER["derived"],
+                                          derivation_description=derivation_description(manifest)):
             results.append(("derived", image))
     if output.segments or output.measurements or output.findings:
         report = build_measurement_report(sources, volume, output, manifest, uid_seed,

@@ -2,7 +2,7 @@
 
 Pipeline (``CTDenoiser.predict``):
 
-1. HU -> HU / 1000 (clipped to -1024..3071), slabs of ``SLAB`` axial slices at a time.
+1. HU -> HU / 250 (clipped to -1024..3071), slabs of ``SLAB`` axial slices at a time.
 2. The UNet predicts the noise (residual learning); output = input - predicted noise. Each slab
    goes through ``sliding_window_inference`` in ``ROI``-sized tiles, so memory is bounded by
    the slab, not by the matrix size or the number of slices.
@@ -23,7 +23,7 @@ from monai.networks.nets import UNet
 from model_zoo.base import Measurement, ModelOutput
 
 HU_LOW, HU_HIGH = -1024.0, 3071.0
-SCALE = 1000.0
+SCALE = 250.0  # HU per network unit: soft-tissue noise of 10-50 HU is 0.04-0.2 units
 ROI = (256, 256)
 SLAB = 16
 ROI_MM = 12.0
@@ -31,8 +31,10 @@ SOFT_TISSUE_HU = (-150.0, 150.0)
 
 
 def build_network() -> torch.nn.Module:
+    # batch norm (running statistics at inference), not MONAI's default instance norm: instance
+    # statistics change with the tile's content and padding, which shifted the output level
     return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(32, 64, 128),
-                strides=(2, 2), num_res_units=2)
+                strides=(2, 2), num_res_units=2, norm="batch")
 
 
 def to_input(hu: torch.Tensor) -> torch.Tensor:
@@ -105,13 +107,16 @@ class CTDenoiser:
     def predict(self, volume) -> ModelOutput:
         pixels = volume.pixels
         denoised = self.denoise(pixels)
-        measurements, key_slices = [], []
+        measurements, key_slices, where = [], [], None
         region = find_uniform_region(denoised, float(np.mean(volume.spacing[1:])))
         if region is not None:
             s, r, c, k = region
+            where = np.zeros(pixels.shape, bool)  # untouched pages cost no memory
+            where[s, r:r + k, c:c + k] = True  # the SR outlines it on the key slice
             measurements = [
                 Measurement("noise_input", float(np.std(pixels[s, r:r + k, c:c + k], dtype=np.float64))),
                 Measurement("noise_output", float(np.std(denoised[s, r:r + k, c:c + k], dtype=np.float64))),
             ]
             key_slices = [s]
-        return ModelOutput(derived_pixels=denoised, measurements=measurements, key_slices=key_slices)
+        return ModelOutput(derived_pixels=denoised, measurements=measurements, key_slices=key_slices,
+                           measurement_region=where)
