@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
+import threading
 from pathlib import Path
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -72,13 +72,14 @@ class Storage:
         self.check_free_space(size)
         target = self.absolute(relative)
         target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=".incoming-", suffix=".tmp")
+        # unique per thread and target, so concurrent writers never share a temporary file
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            with os.fdopen(descriptor, "wb") as handle:
+            with open(temporary, "wb") as handle:
                 for chunk in data:
                     handle.write(chunk)
                 handle.flush()
-                os.fsync(handle.fileno())
+                os.fdatasync(handle.fileno())  # data and size; the rename is made durable below
             os.replace(temporary, target)
         except OSError as error:
             try:
