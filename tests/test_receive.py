@@ -115,3 +115,11 @@ def test_several_receiver_processes_share_the_port(node_factory, tmp_path):
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as handle:
         return [int(child) for child in handle.read().split()]
+
+
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_sigterm_stops_the_node_cleanly(node_factory, receivers):
+    node = node_factory(node_extra=f"receivers = {receivers}")
+    node.stop()
+    assert node.process.returncode == 0, node.log()[-3000:]
+    assert "Traceback" not in node.log()

@@ -82,6 +82,7 @@ class StorageSCP:
         self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
                                       ssl_context=ssl_context,
                                       server_class=_SharedPortServer if shared_port else ThreadedAssociationServer)
+        ae._servers.append(self._server)  # as start_server does: the server's shutdown() expects it
         threading.Thread(target=self._server.serve_forever, name="dicom-listener", daemon=True).start()
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
                  self.config.port, " (TLS)" if ssl_context else "")
