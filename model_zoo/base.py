@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
+
     from dicom_ai_node.imaging.volume import Volume
     from model_zoo.manifest import Manifest
 
@@ -53,6 +55,16 @@ class ModelOutput:
     # Where the measurements without a segment were taken (bool, input grid), e.g. the uniform
     # region a noise measurement used; the SR outlines it so viewers can show it.
     measurement_region: np.ndarray | None = None
+
+
+def with_weights(network: "torch.nn.Module", manifest: "Manifest | None") -> "torch.nn.Module":
+    """``network`` with the manifest's committed weights (state_dict) loaded, when it names any."""
+    import torch
+
+    if manifest is not None and manifest.weights:
+        state = torch.load(manifest.folder / manifest.weights, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    return network
 
 
 class Model(Protocol):

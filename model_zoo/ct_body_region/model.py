@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import DenseNet
 
-from model_zoo.base import Finding, ModelOutput
+from model_zoo.base import Finding, ModelOutput, with_weights
 
 CLASSES = ("head", "chest", "abdomen", "pelvis")
 PIXEL_MM = 3.0
@@ -72,11 +72,7 @@ class BodyRegionClassifier:
     def __init__(self, manifest, device: str | torch.device = "cpu"):
         self.manifest = manifest
         self.device = torch.device(device)
-        self.network = build_network()
-        if manifest is not None and manifest.weights:
-            state = torch.load(manifest.folder / manifest.weights, map_location="cpu", weights_only=True)
-            self.network.load_state_dict(state)
-        self.network.to(self.device).eval()
+        self.network = with_weights(build_network(), manifest).to(self.device).eval()
 
     @torch.inference_mode()
     def slice_probabilities(self, pixels: np.ndarray, spacing) -> np.ndarray:

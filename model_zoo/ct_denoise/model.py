@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-from model_zoo.base import Measurement, ModelOutput
+from model_zoo.base import Measurement, ModelOutput, with_weights
 
 HU_LOW, HU_HIGH = -1024.0, 3071.0
 SCALE = 250.0  # HU per network unit: soft-tissue noise of 10-50 HU is 0.04-0.2 units
@@ -84,11 +84,7 @@ class CTDenoiser:
     def __init__(self, manifest, device: str | torch.device = "cpu"):
         self.manifest = manifest
         self.device = torch.device(device)
-        network = build_network()
-        if manifest is not None and manifest.weights:
-            state = torch.load(manifest.folder / manifest.weights, map_location="cpu", weights_only=True)
-            network.load_state_dict(state)
-        self.model = Residual(network).to(self.device).eval()
+        self.model = Residual(with_weights(build_network(), manifest)).to(self.device).eval()
 
     @torch.inference_mode()
     def denoise(self, pixels: np.ndarray) -> np.ndarray:

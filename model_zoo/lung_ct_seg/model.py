@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-from model_zoo.base import Measurement, ModelOutput, SegmentMask
+from model_zoo.base import Measurement, ModelOutput, SegmentMask, with_weights
 
 TARGET_SPACING_MM = 2.5
 HU_LOW, HU_HIGH = -1000.0, 500.0
@@ -167,11 +167,7 @@ class LungSegmentation:
     def __init__(self, manifest, device: str | torch.device = "cpu"):
         self.manifest = manifest
         self.device = torch.device(device)
-        self.network = build_network()
-        if manifest is not None and manifest.weights:
-            state = torch.load(manifest.folder / manifest.weights, map_location="cpu", weights_only=True)
-            self.network.load_state_dict(state)
-        self.network.to(self.device).eval()
+        self.network = with_weights(build_network(), manifest).to(self.device).eval()
 
     @torch.inference_mode()
     def coarse_probability(self, pixels: np.ndarray, spacing, superior: int = 1) -> np.ndarray:
