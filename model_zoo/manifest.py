@@ -165,6 +165,8 @@ class _Reader:
             parts.append(text)
         if len(parts[1]) > 16 and parts[0] != "UCUM":
             self.fail(f"{where}.{key}.value", "code values are at most 16 characters (DICOM SH)")
+        if len(parts[2]) > 64:
+            self.fail(f"{where}.{key}.meaning", "code meanings are at most 64 characters (DICOM LO)")
         return Code(*parts)
 
     def strings(self, table: dict, key: str, where: str, required=False) -> tuple[str, ...]:

@@ -232,3 +232,14 @@ def test_lung_model_on_real_ct_against_totalsegmentator(lung_model):
     mask = output.segments[0].mask
     dice = 2 * (mask & reference).sum() / (mask.sum() + reference.sum())
     assert dice > 0.8, dice
+
+
+def test_manifest_refuses_a_code_meaning_longer_than_dicom_allows(tmp_path):
+    from model_zoo.manifest import ManifestError, load_manifest
+    from tests.conftest import PROJECT_ROOT
+
+    text = (PROJECT_ROOT / "model_zoo" / "lung_ct_seg" / "model.toml").read_text()
+    path = tmp_path / "model.toml"
+    path.write_text(text.replace('meaning = "Lung" }', 'meaning = "' + "L" * 65 + '" }', 1))
+    with pytest.raises(ManifestError, match=r"outputs.segments\[0\].type.meaning: code meanings are at most 64"):
+        load_manifest(path)

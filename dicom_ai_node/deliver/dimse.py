@@ -114,6 +114,5 @@ def _why_not_established(assoc, destination: DestinationConfig) -> str:
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     if assoc.is_rejected:
         return f"association rejected by {where} (check the node's AE title is known to it)"
-    if assoc.is_aborted:
-        return f"association aborted by {where}"
-    return f"cannot connect to {where}"
+    # pynetdicom reports a refused TCP connection as an aborted association too
+    return f"cannot connect to {where}, or it aborted the association"
