@@ -98,6 +98,9 @@ def test_full_disk_gives_out_of_resources(node_factory, tmp_path):
 def test_several_receiver_processes_share_the_port(node_factory, tmp_path):
     node = node_factory(node_extra="receivers = 2")
     wait_for(lambda: len(_children(node.process.pid)) == 1, timeout=30, what="a second receiver process")
+    [child] = _children(node.process.pid)
+    wait_for(lambda: "receiver-" in node.log() or "Traceback" in node.log(), timeout=30,
+             what="the receiver process's first log line")
     folders = []
     for index in range(4):  # four concurrent associations, spread by the kernel across processes
         series = make_ct_series(tmp_path / f"ct{index}", shape=(5, 16, 16), seed=f"multi{index}")
@@ -107,7 +110,8 @@ def test_several_receiver_processes_share_the_port(node_factory, tmp_path):
     assert all(not storescu_failures(result) for result in results)
     expected = {uid for _, series in folders for uid in series.sop_instance_uids}
     assert {uid for (uid,) in rows(node, "select sop_instance_uid from instance")} == expected
-    child = _children(node.process.pid)[0]
+    assert _children(node.process.pid) == [child], "the receiver process died and was restarted"
+    assert "Traceback" not in node.log()
     node.stop()
     wait_for(lambda: not os.path.exists(f"/proc/{child}"), timeout=20, what="receiver process stopped")
 

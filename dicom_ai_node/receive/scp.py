@@ -9,6 +9,7 @@ cannot be stored gets a failure status with an ErrorComment, and the log says wh
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 
@@ -189,7 +190,12 @@ class StorageSCP:
 
 
 class _SharedPortServer(ThreadedAssociationServer):
-    allow_reuse_port = True
+    """A listener that shares its port with the node's other receiver processes."""
+
+    def server_bind(self) -> None:
+        # pynetdicom's server_bind sets SO_REUSEADDR only; the port sharing needs SO_REUSEPORT
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class _Refused(Exception):
