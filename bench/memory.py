@@ -24,9 +24,10 @@ from pydicom import dcmread  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from bench.receive_throughput import make_series  # noqa: E402
-from tests.node_process import NODE_AE, NodeProcess  # noqa: E402
-from tests.peers import OrthancPeer, free_port, wait_for  # noqa: E402
-from tests.test_end_to_end import RULES, all_results_arrived  # noqa: E402
+from bench.time_to_result import start_pacs_and_node  # noqa: E402
+from tests.node_process import NODE_AE  # noqa: E402
+from tests.peers import wait_for  # noqa: E402
+from tests.test_end_to_end import all_results_arrived  # noqa: E402
 
 
 def long_series(cache: Path, slices: int) -> list[Path]:
@@ -80,12 +81,7 @@ def main() -> None:
     files = long_series(Path(args.cache), args.slices)
     study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     with tempfile.TemporaryDirectory() as workdir:
-        orthanc = OrthancPeer(workdir=Path(workdir) / "orthanc", node_port=free_port()).start()
-        node = NodeProcess(Path(workdir) / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
-                           rules=RULES, quiet_period_s=5.0)
-        node.config_path.write_text(node.config_path.read_text().replace('log_level = "DEBUG"',
-                                                                          'log_level = "INFO"'))
-        node.start()
+        orthanc, node = start_pacs_and_node(Path(workdir))
         try:
             sampler = RssSampler(node.process.pid)
             start = time.perf_counter()

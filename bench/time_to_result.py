@@ -24,6 +24,15 @@ from tests.peers import OrthancPeer, free_port, wait_for  # noqa: E402
 from tests.test_end_to_end import RULES, all_results_arrived  # noqa: E402
 
 
+def start_pacs_and_node(workdir: Path) -> tuple[OrthancPeer, NodeProcess]:
+    """Orthanc as the PACS and a node routing CT chest series to the lung model, logging at INFO."""
+    orthanc = OrthancPeer(workdir=workdir / "orthanc", node_port=free_port()).start()
+    node = NodeProcess(workdir / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
+                       rules=RULES, quiet_period_s=5.0)
+    node.config_path.write_text(node.config_path.read_text().replace('log_level = "DEBUG"', 'log_level = "INFO"'))
+    return orthanc, node.start()
+
+
 def peak_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
@@ -39,12 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     files = make_series(Path(args.cache) / f"ct{args.slices}", args.slices, j2k=False)
     with tempfile.TemporaryDirectory() as workdir:
-        orthanc = OrthancPeer(workdir=Path(workdir) / "orthanc", node_port=free_port()).start()
-        node = NodeProcess(Path(workdir) / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
-                           rules=RULES, quiet_period_s=5.0)
-        node.config_path.write_text(node.config_path.read_text().replace('log_level = "DEBUG"',
-                                                                          'log_level = "INFO"'))
-        node.start()
+        orthanc, node = start_pacs_and_node(Path(workdir))
         try:
             start = time.perf_counter()
             subprocess.run(["storescu", "-R", "-aec", NODE_AE, "127.0.0.1", str(node.port),

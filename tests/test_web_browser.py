@@ -18,6 +18,7 @@ import pytest
 from tests.node_process import NODE_AE, NodeProcess
 from tests.peers import skip_unless_tools, storescu, storescu_failures
 from tests.synthetic import make_ct_series
+from tests.test_end_to_end import RULES  # the same lung rule as the end-to-end tests
 
 CHROMIUM = "/usr/bin/chromium"
 WEIGHTS = Path(__file__).resolve().parent.parent / "model_zoo" / "lung_ct_seg" / "weights.pt"
@@ -27,18 +28,6 @@ pytestmark = [pytest.mark.integration, skip_unless_tools("storescu", "/usr/sbin/
               pytest.mark.skipif(not WEIGHTS.is_file(), reason="lung model weights not trained yet")]
 
 PASSWORD = "browser-test-password"
-RULES = """
-[[rules]]
-name = "chest-ct-lungs"
-priority = 10
-models = ["lung_ct_seg"]
-destinations = ["pacs"]
-when = { all = [ { tag = "Modality", equals = "CT" }, { tag = "BodyPartExamined", one_of = ["CHEST"] } ] }
-[rules.series]
-orientation = "axial"
-min_slices = 16
-pick = "thinnest"
-"""
 # the flags Debian's chromium needs as root in a container, and nothing that phones home
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
