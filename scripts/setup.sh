@@ -26,12 +26,14 @@ if [ ! -x .venv/bin/python ]; then
     echo "==> creating .venv"
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+# pip's output without the machine's "location is ignored" warnings; a failing pip still fails the script
+pip_install() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
+pip_install --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "==> installing torch (CPU)"
-    .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "is ignored" || true
+    pip_install "torch==${TORCH_VERSION:-2.13.0}"
 fi
-echo "==> installing dicom-ai-node"
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+echo "==> installing dicom-ai-node (versions pinned by constraints.txt, the set the tests passed with)"
+pip_install -c constraints.txt -e ".[test]"
 .venv/bin/python -c "import dicom_ai_node, torch, highdicom, pynetdicom; print('ready: torch', torch.__version__)"
