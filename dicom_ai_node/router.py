@@ -3,8 +3,9 @@ its reasons, and create one job per (series, model) for the exact set of input i
 
 Idempotent by construction: a job is unique on (series, model, fingerprint of its SOP
 Instance UIDs), so a study evaluated twice with the same instances gets no second job.
-When more instances arrived, the older unfinished job on that series and model is marked
-superseded and a new one is created.
+When more instances arrived, an older job on that series and model that has no results yet
+is marked superseded (a running one drops its results) and a new one is created; an older
+job already delivering finishes, and the new job's results follow as a newer version.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ class Router:
         if any(job.input_fingerprint == fingerprint for job in existing):
             return None  # same instances, same model: already done or in progress
         for job in existing:
-            if not job.state.finished:
+            # only jobs without results yet; a delivering job finishes sending what it made
+            if job.state in (JobState.queued, JobState.running, JobState.encoding):
                 job.state = JobState.superseded
                 job.reason = f"more instances arrived ({len(sop_uids)} now); replaced by a newer job"
                 job.finished_at = utcnow()

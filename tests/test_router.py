@@ -135,3 +135,16 @@ def test_release_does_not_complete_when_more_arrived_after_it(database):
                                 quiet_enough=lambda uid, quiet: True, on_complete=lambda uid: None)
     assert watcher.check(released + timedelta(seconds=2)) == []
     assert watcher.check(released + timedelta(seconds=5)) == ["1.2.3"]
+
+
+def test_a_delivering_job_is_not_superseded(database):
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    router, _ = make_router(database, [])
+    [first] = router.route("1.2.3")
+    with database.session() as session:
+        session.get(Job, first).state = JobState.delivering  # its results exist and are being sent
+    receive(database, "1.2.3.1", "1.2.3.1.2")
+    [second] = router.route("1.2.3")
+    with database.session() as session:
+        assert session.get(Job, first).state == JobState.delivering
+        assert session.get(Job, second).state == JobState.queued
