@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import select
 
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Study
+from dicom_ai_node.db.models import Study, as_utc
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class CompletionWatcher:
         completed = []
         for study_uid, last_received, released in receiving:
             try:
-                if self._is_complete(study_uid, now, _aware(last_received), _aware(released)):
+                if self._is_complete(study_uid, now, as_utc(last_received), as_utc(released)):
                     self.on_complete(study_uid)
                     completed.append(study_uid)
             except Exception:  # one study's failure must not block the others
@@ -66,10 +66,3 @@ class CompletionWatcher:
             return True  # the sending association ended and nothing arrived since
         quiet_s = (now - last_received).total_seconds()
         return quiet_s >= self.quiet_period_s and self.quiet_enough(study_uid, quiet_s)
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; the node stores UTC everywhere."""
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -8,7 +8,7 @@ from datetime import datetime
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -142,8 +142,3 @@ def _int(dataset: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
-
-
-def series_sop_uids(session: Session, series_uid: str) -> list[str]:
-    return list(session.scalars(select(Instance.sop_instance_uid)
-                                .where(Instance.series_instance_uid == series_uid)))

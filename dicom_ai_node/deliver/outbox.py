@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
 from dicom_ai_node import audit
 from dicom_ai_node.config import Config, DestinationConfig
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, utcnow
+from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, as_utc, utcnow
 from dicom_ai_node.deliver.dimse import send_files
 from dicom_ai_node.storage import Storage
 
@@ -149,7 +149,7 @@ def update_job_after_delivery(session, job: Job) -> None:
     started = job.timings.get("delivery_started_at")
     timings = dict(job.timings)
     if started:
-        timings["delivery_s"] = round((job.finished_at - _aware(datetime.fromisoformat(started)))
+        timings["delivery_s"] = round((job.finished_at - as_utc(datetime.fromisoformat(started)))
                                       .total_seconds(), 3)
     job.timings = timings
     failed = [d for result in job.results for d in result.deliveries if d.state == "failed"]
@@ -160,7 +160,3 @@ def update_job_after_delivery(session, job: Job) -> None:
     else:
         job.state = JobState.done
         job.reason = None
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .conditions import AllOf, AnyOf, Condition, Not, TagCondition
+from .conditions import AllOf, Condition, Not, TagCondition
 from .rules import RuleSet
 
 INDENT = "  "

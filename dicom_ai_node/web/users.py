@@ -12,13 +12,13 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from dicom_ai_node import audit
-from dicom_ai_node.db.models import ApiToken, WebSession, WebUser, utcnow
+from dicom_ai_node.db.models import ApiToken, WebSession, WebUser, as_utc, utcnow
 
 ROLES = ("admin", "viewer")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -114,7 +114,7 @@ def end_session(session: Session, token: str) -> None:
 
 def principal_for_session(session: Session, token: str) -> Principal | None:
     row = session.get(WebSession, token_hash(token))
-    if row is None or _aware(row.expires_at) < utcnow():
+    if row is None or as_utc(row.expires_at) < utcnow():
         return None
     user = session.get(WebUser, row.user_id)
     return Principal(user.name, user.role, "session") if user else None
@@ -127,7 +127,3 @@ def principal_for_token(session: Session, token: str) -> Principal | None:
     row.last_used_at = utcnow()
     user = session.get(WebUser, row.user_id)
     return Principal(user.name, user.role, "token") if user else None
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
