@@ -8,7 +8,8 @@ from datetime import datetime
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -69,18 +70,47 @@ class ReceivedInstance:
     is_result: bool = False
 
 
-def _insert_ignore(session: Session, table, values: dict) -> bool:
-    """INSERT that does nothing when the primary key exists (concurrent receivers race here);
-    True when the row was inserted. Core statements: the ORM's bulk path costs more than the
-    insert itself at a few hundred instances a second."""
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    key = next(iter(table.primary_key.columns))
-    statement = insert(table).values(**values).on_conflict_do_nothing().returning(key)
-    return session.execute(statement).first() is not None
+class _Statements:
+    """The index's statements for one SQL dialect, built once: building a statement costs
+    more than running it at a few hundred instances a second (SQLAlchemy coercions, cache
+    keys), so each instance only binds its values."""
+
+    def __init__(self, dialect: str):
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        self.insert_study = self._insert_ignore(insert, Study.__table__)
+        self.insert_series = self._insert_ignore(insert, Series.__table__)
+        self.insert_instance = self._insert_ignore(insert, Instance.__table__)
+        instance = Instance.__table__
+        self.update_resent = (update(instance).where(instance.c.sop_instance_uid == bindparam("key"))
+                              .values(path=bindparam("path"), size_bytes=bindparam("size_bytes"),
+                                      transfer_syntax_uid=bindparam("transfer_syntax_uid"),
+                                      received_at=bindparam("received_at")))
+        study = Study.__table__
+        self.touch_study = (update(study).where(study.c.study_instance_uid == bindparam("key"))
+                            .values(last_received_at=bindparam("now")))
+        # a new instance for a study already complete makes it "receiving" again: evaluate again
+        self.reopen_study = (update(study).where(study.c.study_instance_uid == bindparam("key"))
+                             .values(last_received_at=bindparam("now"), state="receiving"))
+
+    @staticmethod
+    def _insert_ignore(insert, table):
+        """INSERT that does nothing when the primary key exists (concurrent receivers race
+        here); it returns the key only when the row was inserted."""
+        return insert(table).on_conflict_do_nothing().returning(next(iter(table.primary_key.columns)))
 
 
-def record_instance(session: Session, item: ReceivedInstance, now: datetime | None = None,
+_STATEMENTS: dict[str, _Statements] = {}
+
+
+def _statements(connection: Session | Connection) -> _Statements:
+    bind = connection.get_bind() if isinstance(connection, Session) else connection
+    dialect = bind.dialect.name
+    if dialect not in _STATEMENTS:
+        _STATEMENTS[dialect] = _Statements(dialect)
+    return _STATEMENTS[dialect]
+
+
+def record_instance(connection: Session | Connection, item: ReceivedInstance, now: datetime | None = None,
                     series_known: bool = False) -> bool:
     """Index one stored instance; returns True when it is new (False for a resend).
 
@@ -89,8 +119,9 @@ def record_instance(session: Session, item: ReceivedInstance, now: datetime | No
     """
     now = now or utcnow()
     header = item.header
+    statements = _statements(connection)
     if not series_known:
-        _insert_ignore(session, Study.__table__, dict(
+        connection.execute(statements.insert_study, dict(
             study_instance_uid=item.study_uid,
             patient_id=_text(header, "PatientID", 64),
             patient_name=_text(header, "PatientName", 324),
@@ -99,7 +130,7 @@ def record_instance(session: Session, item: ReceivedInstance, now: datetime | No
             study_description=_text(header, "StudyDescription", 64),
             state="receiving", first_received_at=now, last_received_at=now,
         ))
-        _insert_ignore(session, Series.__table__, dict(
+        connection.execute(statements.insert_series, dict(
             series_instance_uid=item.series_uid,
             study_instance_uid=item.study_uid,
             modality=_text(header, "Modality", 16),
@@ -108,24 +139,22 @@ def record_instance(session: Session, item: ReceivedInstance, now: datetime | No
             attributes=header_attributes(header),
             is_result=item.is_result,
         ))
-    is_new = _insert_ignore(session, Instance.__table__, dict(
+    is_new = connection.execute(statements.insert_instance, dict(
         sop_instance_uid=item.sop_uid, series_instance_uid=item.series_uid,
         sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax_uid,
         instance_number=_int(header, "InstanceNumber"),
         number_of_frames=_int(header, "NumberOfFrames") or 1,
         path=item.path, size_bytes=item.size_bytes, calling_ae_title=item.calling_ae_title,
         received_at=now,
-    ))
+    )).first() is not None
     if not is_new:
         # A resend of the same SOP Instance: the file was replaced atomically; keep one row.
-        session.execute(update(Instance.__table__).where(Instance.sop_instance_uid == item.sop_uid).values(
-            path=item.path, size_bytes=item.size_bytes,
+        connection.execute(statements.update_resent, dict(
+            key=item.sop_uid, path=item.path, size_bytes=item.size_bytes,
             transfer_syntax_uid=item.transfer_syntax_uid, received_at=now))
     if not item.is_result:
-        # a new instance for a study already complete makes it "receiving" again: evaluate again
-        changes = {"last_received_at": now, **({"state": "receiving"} if is_new else {})}
-        session.execute(update(Study.__table__).where(Study.study_instance_uid == item.study_uid)
-                        .values(**changes))
+        connection.execute(statements.reopen_study if is_new else statements.touch_study,
+                           dict(key=item.study_uid, now=now))
     return is_new
 
 

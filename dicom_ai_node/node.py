@@ -68,6 +68,10 @@ class Node:
             self.executor.submit(job_id)
         self.scheduler.add_job(self.completion.check, "interval", seconds=CHECK_INTERVAL_S,
                                id="completion", max_instances=1, coalesce=True)
+        leftovers = self.storage.clear_incoming()  # before any receiver runs
+        if leftovers:
+            log.warning("removed %d half-received instances left by an earlier stop (none was "
+                        "acknowledged; their senders resend them)", leftovers)
         shared_port = self.config.node.receivers > 1
         self.scp.start(shared_port=shared_port)
         if shared_port:

@@ -4,6 +4,9 @@ Each C-STORE is written durably (temporary file, fsync, rename) and indexed in t
 *before* the success status goes back to the sender, so a success means the instance is
 safe. The bytes are stored exactly as received (no decode/re-encode). An instance that
 cannot be stored gets a failure status with an ErrorComment, and the log says why.
+
+The network side is the node's own lean Upper Layer loop (association.py): every data set
+streams from the socket to its file, and an association costs one thread and no polling.
 """
 
 from __future__ import annotations
@@ -11,20 +14,21 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import threading
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 
 from dicom_ai_node.config import NodeConfig, TlsConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Study, utcnow
 from dicom_ai_node.index import ReceivedInstance
-from dicom_ai_node.receive.index_writer import IndexWriter
+from dicom_ai_node.receive import upper_layer as ul
 from dicom_ai_node.receive.allow_list import is_allowed
+from dicom_ai_node.receive.association import Association
+from dicom_ai_node.receive.commands import Command
+from dicom_ai_node.receive.incoming import IncomingInstance
+from dicom_ai_node.receive.index_writer import IndexWriter
+from dicom_ai_node.receive.listener import Listener
 from dicom_ai_node.storage import DiskFullError, Storage, StorageError, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,9 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
+
+MAXIMUM_ASSOCIATIONS = 32
+
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -47,118 +54,97 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 class StorageSCP:
+    acse_timeout = 30.0  # seconds to receive the A-ASSOCIATE-RQ (and finish a TLS handshake)
+    network_timeout = 60.0  # seconds of silence before an established association is dropped
+
     def __init__(self, config: NodeConfig, database: Database, storage: Storage):
         self.config = config
         self.database = database
         self.storage = storage
-        self._server = None
-        self._index = None  # IndexWriter, started with the listener
-        self._studies_by_association: dict[int, set[str]] = {}
+        self.ssl_context: ssl.SSLContext | None = None
+        self._listener: Listener | None = None
+        self._index: IndexWriter | None = None
         self._known_series: set[str] = set()  # series whose study/series rows are committed
 
     def start(self, shared_port: bool = False) -> None:
         """Open the listener. ``shared_port``: several receiver processes listen on the same
         port (SO_REUSEPORT) and the kernel spreads associations across them."""
-        # Accept every storage SOP class, private and future ones included, in whatever
-        # transfer syntax the sender proposes: the node stores bytes as received.
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
-        ae = AE(ae_title=self.config.ae_title)
-        ae.add_supported_context(Verification)
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
-        ae.maximum_associations = 32
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        handlers = [
-            (evt.EVT_REQUESTED, self._check_caller),
-            (evt.EVT_C_ECHO, self._handle_echo),
-            (evt.EVT_C_STORE, self._handle_store),
-            (evt.EVT_RELEASED, self._handle_released),
-            (evt.EVT_ABORTED, self._forget_association),
-            (evt.EVT_CONN_CLOSE, self._forget_association),
-        ]
-        ssl_context = server_ssl_context(self.config.tls) if self.config.tls else None
+        self.ssl_context = server_ssl_context(self.config.tls) if self.config.tls else None
         self._index = IndexWriter(self.database)
-        # what AE.start_server(block=False) does, with a server class that may share the port
-        self._server = ae.make_server((self.config.host, self.config.port), evt_handlers=handlers,
-                                      ssl_context=ssl_context,
-                                      server_class=_SharedPortServer if shared_port else ThreadedAssociationServer)
-        ae._servers.append(self._server)  # as start_server does: the server's shutdown() expects it
-        threading.Thread(target=self._server.serve_forever, name="dicom-listener", daemon=True).start()
+        self._listener = Listener(self.config.host, self.config.port, self._serve,
+                                  ssl_context=self.ssl_context, shared_port=shared_port)
+        self._listener.start()
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
-                 self.config.port, " (TLS)" if ssl_context else "")
+                 self.port, " (TLS)" if self.ssl_context else "")
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
         if self._index is not None:
             self._index.stop()
             self._index = None
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._listener is not None
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1] if self._server else self.config.port
+        return self._listener.address[1] if self._listener else self.config.port
 
     # -- association level -------------------------------------------------------------
 
-    def _check_caller(self, event) -> None:
-        requestor = event.assoc.requestor
-        # requestor.ae_title is filled in only after this event; the A-ASSOCIATE-RQ has it now
-        calling_ae = requestor.primitive.calling_ae_title
+    def _serve(self, connection: socket.socket, address: tuple) -> None:
+        Association(connection, address, self).run()
+
+    def check_association(self, request: ul.AssociationRequest, address: str) -> tuple[int, int, int] | None:
+        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
         if not is_allowed(self.config.allowed_callers, self.config.allow_any_caller,
-                          calling_ae, requestor.address):
+                          request.calling_ae_title, address):
             log.warning("rejected association from AE %r at %s: not on the allow-list",
-                        calling_ae, requestor.address)
-            # permanent rejection, service user, "calling AE title not recognised"
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            event.assoc.kill()  # as pynetdicom does after its own rejections: lets the RJ go out
+                        request.calling_ae_title, address)
+            return ul.REJECT_CALLING_AE_NOT_RECOGNISED
+        if self._listener is not None and self._listener.active_connections > MAXIMUM_ASSOCIATIONS:
+            log.warning("rejected association from AE %r at %s: %d associations open already",
+                        request.calling_ae_title, address, MAXIMUM_ASSOCIATIONS)
+            return ul.REJECT_LOCAL_LIMIT_EXCEEDED
+        return None
 
-    def _handle_echo(self, event) -> int:
-        return SUCCESS
-
-    def _handle_released(self, event) -> None:
+    def association_released(self, association: Association) -> None:
         """A normal release is a completion signal (see completion.py): record it."""
-        studies = self._studies_by_association.pop(id(event.assoc), set())
-        if studies:
+        if association.studies:
             with self.database.session() as session:
-                session.execute(update(Study).where(Study.study_instance_uid.in_(studies))
+                session.execute(update(Study).where(Study.study_instance_uid.in_(association.studies))
                                 .values(released_at=utcnow()))
-
-    def _forget_association(self, event) -> None:
-        self._studies_by_association.pop(id(event.assoc), None)
 
     # -- C-STORE -----------------------------------------------------------------------
 
-    def _handle_store(self, event):
-        calling_ae = event.assoc.requestor.ae_title
+    def store(self, instance: IncomingInstance, request: Command, transfer_syntax: str,
+              calling_ae: str) -> tuple[int, str | None, str | None]:
+        """Store and index one received data set: (status, error comment, StudyInstanceUID)."""
         try:
-            received = self._store(event, calling_ae)
+            study_uid = self._store(instance, request, transfer_syntax, calling_ae)
         except _Refused as refusal:
             log.warning("refused C-STORE from %s: %s", calling_ae, refusal.reason)
-            return _failure(refusal.status, refusal.reason)
+            return refusal.status, refusal.reason[:64], None
         except DiskFullError as error:
             log.error("refused C-STORE from %s: %s", calling_ae, error)
-            return _failure(OUT_OF_RESOURCES, "Out of resources: disk full on the AI node")
+            return OUT_OF_RESOURCES, "Out of resources: disk full on the AI node", None
         except StorageError as error:
             log.error("refused C-STORE from %s: %s", calling_ae, error)
-            return _failure(OUT_OF_RESOURCES, "Cannot write the instance on the AI node")
+            return OUT_OF_RESOURCES, "Cannot write the instance on the AI node", None
         except Exception:  # the node must never crash on one bad instance
             log.exception("unexpected error storing an instance from %s", calling_ae)
-            return _failure(PROCESSING_FAILURE, "Unexpected error on the AI node; see its log")
-        self._studies_by_association.setdefault(id(event.assoc), set()).add(received)
-        return SUCCESS
+            return PROCESSING_FAILURE, "Unexpected error on the AI node; see its log", None
+        return SUCCESS, None, study_uid
 
-    def _store(self, event, calling_ae: str) -> str:
-        """Store and index one instance; returns its StudyInstanceUID."""
-        request = event.request
-        transfer_syntax = event.context.transfer_syntax
+    def _store(self, instance: IncomingInstance, request: Command, transfer_syntax: str,
+               calling_ae: str) -> str:
+        if instance.error is not None:
+            raise instance.error
         try:
-            header: Dataset = event.dataset
+            header: Dataset = instance.read_header(transfer_syntax)
             study_uid = _uid(header, "StudyInstanceUID")
             series_uid = _uid(header, "SeriesInstanceUID")
             sop_uid = _uid(header, "SOPInstanceUID")
@@ -167,35 +153,25 @@ class StorageSCP:
             raise
         except Exception as error:
             raise _Refused(CANNOT_UNDERSTAND, f"cannot decode the dataset: {error}") from None
-        if sop_uid != request.AffectedSOPInstanceUID:
+        if sop_uid != request.affected_sop_instance_uid:
             raise _Refused(DATASET_DOES_NOT_MATCH, "SOPInstanceUID in the dataset differs from the "
                                                    "C-STORE request's Affected SOP Instance UID")
-        if sop_class != request.AffectedSOPClassUID:
+        if sop_class != request.affected_sop_class_uid:
             raise _Refused(DATASET_DOES_NOT_MATCH, "SOPClassUID in the dataset differs from the "
                                                    "C-STORE request's Affected SOP Class UID")
         path = self.storage.instance_path(study_uid, series_uid, sop_uid)
-        data = event.encoded_dataset(include_meta=True)
-        size = self.storage.write_atomic(path, data)
+        self.storage.commit_incoming(instance.path, path)
         item = ReceivedInstance(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
-                                sop_class_uid=sop_class, transfer_syntax_uid=str(transfer_syntax),
-                                path=path, size_bytes=size, calling_ae_title=calling_ae,
+                                sop_class_uid=sop_class, transfer_syntax_uid=transfer_syntax,
+                                path=path, size_bytes=instance.file_size, calling_ae_title=calling_ae,
                                 header=header)
         is_new = self._index.record(item, series_known=series_uid in self._known_series)
         if len(self._known_series) > 100_000:
             self._known_series.clear()  # bounded; forgetting only costs two cheap inserts
         self._known_series.add(series_uid)
-        log.debug("stored %s (%d bytes, %s) from %s", sop_uid, size, "new" if is_new else "resent",
-                  calling_ae)
+        log.debug("stored %s (%d bytes, %s) from %s", sop_uid, instance.file_size,
+                  "new" if is_new else "resent", calling_ae)
         return study_uid
-
-
-class _SharedPortServer(ThreadedAssociationServer):
-    """A listener that shares its port with the node's other receiver processes."""
-
-    def server_bind(self) -> None:
-        # pynetdicom's server_bind sets SO_REUSEADDR only; the port sharing needs SO_REUSEPORT
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 class _Refused(Exception):
@@ -213,10 +189,3 @@ def _uid(dataset: Dataset, keyword: str) -> str:
     if not is_valid_uid(value):
         raise _Refused(DATASET_DOES_NOT_MATCH, f"{keyword} is not a valid UID")
     return value
-
-
-def _failure(status: int, comment: str) -> Dataset:
-    response = Dataset()
-    response.Status = status
-    response.ErrorComment = comment[:64]  # LO: at most 64 characters
-    return response

@@ -1,0 +1,235 @@
+"""One association, from A-ASSOCIATE-RQ to release or abort, in its own thread.
+
+The loop reads one PDU at a time. Command fragments are collected (a command set is a few
+hundred bytes); data set fragments are written to the instance's file as they arrive. When
+the last fragment of a C-STORE's data set is in, the SCP stores and indexes the instance and
+only then is the response sent: one instance in flight per association, as senders expect
+(no asynchronous operations window is negotiated).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from dicom_ai_node.receive import upper_layer as ul
+from dicom_ai_node.receive.commands import (
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    Command,
+    CommandError,
+    decode_command,
+    encode_response,
+)
+from dicom_ai_node.receive.incoming import IncomingInstance, file_meta
+
+if TYPE_CHECKING:
+    from dicom_ai_node.receive.scp import StorageSCP
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+MAX_COMMAND_BYTES = 64 * 1024
+UNRECOGNISED_OPERATION = 0x0211
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+class Association:
+    def __init__(self, connection: socket.socket, address: tuple, scp: StorageSCP):
+        self.connection = connection
+        self.address = address[0] if address else "?"
+        self.scp = scp
+        self.calling_ae_title = ""
+        self.studies: set[str] = set()  # StudyInstanceUIDs stored on this association
+        self._reader = None
+        self._contexts: dict[int, ul.AcceptedContext] = {}
+        self._buffer = memoryview(bytearray(READ_CHUNK))
+        # the message being received
+        self._command_bytes = bytearray()
+        self._command: Command | None = None
+        self._command_context: ul.AcceptedContext | None = None
+        self._instance: IncomingInstance | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except ul.ProtocolError as error:
+            log.warning("aborting the association from %s at %s: %s", self.calling_ae_title or "?",
+                        self.address, error)
+            self._send_quietly(ul.abort(ul.ABORT_SOURCE_PROVIDER, error.reason))
+        except (ConnectionError, TimeoutError, OSError) as error:
+            log.warning("association from %s at %s ended without release: %s",
+                        self.calling_ae_title or "?", self.address, error or type(error).__name__)
+        except Exception:
+            log.exception("unexpected error on the association from %s at %s",
+                          self.calling_ae_title or "?", self.address)
+            self._send_quietly(ul.abort(ul.ABORT_SOURCE_PROVIDER, ul.REASON_NOT_SPECIFIED))
+        finally:
+            if self._instance is not None:  # a data set cut off mid-way: never acknowledged
+                self._instance.discard()
+            self._close()
+
+    # -- phases ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.connection.settimeout(self.scp.acse_timeout)
+        if self.scp.ssl_context is not None:
+            self.connection.do_handshake()
+        self._reader = self.connection.makefile("rb", buffering=READ_CHUNK)
+        if not self._associate():
+            return
+        self.connection.settimeout(self.scp.network_timeout)
+        while True:
+            header = ul.read_pdu_header(self._reader)
+            if header is None:
+                raise ConnectionError("the peer closed the connection")
+            pdu_type, length = header
+            if pdu_type == ul.P_DATA_TF:
+                self._read_p_data(length)
+            elif pdu_type == ul.RELEASE_RQ:
+                ul.read_exact(self._reader, length)
+                if self._command is not None or self._command_bytes:
+                    log.warning("A-RELEASE-RQ from %s in the middle of a message", self.calling_ae_title)
+                self.connection.sendall(ul.release_rp())
+                self.scp.association_released(self)
+                return
+            elif pdu_type == ul.ABORT:
+                ul.read_exact(self._reader, min(length, 64))
+                log.warning("association from %s at %s aborted by the peer", self.calling_ae_title,
+                            self.address)
+                return
+            elif pdu_type in ul.PDU_TYPES:
+                raise ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", ul.REASON_UNEXPECTED_PDU)
+            else:
+                raise ul.ProtocolError(f"unrecognised PDU type 0x{pdu_type:02X}", ul.REASON_UNRECOGNISED_PDU)
+
+    def _associate(self) -> bool:
+        header = ul.read_pdu_header(self._reader)
+        if header is None:
+            return False  # a port check: connected and closed again
+        pdu_type, length = header
+        if pdu_type != ul.ASSOCIATE_RQ:
+            raise ul.ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
+                                   ul.REASON_UNEXPECTED_PDU)
+        if length > ul.MAX_ASSOCIATE_RQ:
+            raise ul.ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes")
+        body = ul.read_exact(self._reader, length)
+        request = ul.decode_associate_rq(bytes([pdu_type, 0]) + length.to_bytes(4, "big") + body)
+        self.calling_ae_title = request.calling_ae_title
+        rejection = self.scp.check_association(request, self.address)
+        if rejection is None and not request.protocol_version_ok:
+            rejection = ul.REJECT_PROTOCOL_VERSION
+        if rejection is not None:
+            self.connection.sendall(ul.associate_rj(*rejection))
+            return False
+        accept, self._contexts = ul.negotiate(request)
+        self.connection.sendall(accept)
+        log.debug("association from %s at %s accepted, %d presentation contexts", self.calling_ae_title,
+                  self.address, len(self._contexts))
+        return True
+
+    # -- data transfer -----------------------------------------------------------------
+
+    def _read_p_data(self, length: int) -> None:
+        remaining = length
+        while remaining > 0:
+            if remaining < ul.PDV_HEADER_SIZE:
+                raise ul.ProtocolError("P-DATA-TF ends inside a PDV item header")
+            value_length, context_id, is_command, is_last = ul.read_pdv_header(self._reader)
+            remaining -= ul.PDV_HEADER_SIZE + value_length
+            if remaining < 0:
+                raise ul.ProtocolError("PDV item longer than its P-DATA-TF")
+            context = self._contexts.get(context_id)
+            if context is None:
+                raise ul.ProtocolError(f"PDV on presentation context {context_id}, which was not accepted")
+            if is_command:
+                self._read_command_fragment(context, value_length, is_last)
+            else:
+                self._read_data_set_fragment(context, value_length, is_last)
+
+    def _read_command_fragment(self, context: ul.AcceptedContext, length: int, is_last: bool) -> None:
+        if self._command is not None:
+            raise ul.ProtocolError("a new command before the previous command's data set ended",
+                                   ul.REASON_UNEXPECTED_PDU)
+        if len(self._command_bytes) + length > MAX_COMMAND_BYTES:
+            raise ul.ProtocolError("command set larger than 64 KB")
+        self._command_bytes += ul.read_exact(self._reader, length)
+        if not is_last:
+            return
+        try:
+            command = decode_command(bytes(self._command_bytes))
+        except CommandError as error:
+            raise ul.ProtocolError(f"unreadable command set: {error}") from None
+        self._command_bytes = bytearray()
+        if command.has_data_set:
+            self._command, self._command_context = command, context
+            if command.command_field == C_STORE_RQ:
+                self._instance = IncomingInstance(self.scp.storage, file_meta(
+                    command.affected_sop_class_uid or "1.2.840.10008.5.1.4.1.1.7",
+                    command.affected_sop_instance_uid or "1.2.3", context.transfer_syntax,
+                    self.calling_ae_title, ul.IMPLEMENTATION_CLASS_UID, ul.IMPLEMENTATION_VERSION_NAME))
+        else:
+            self._respond(context, command, *self._dispatch_without_data_set(context, command))
+
+    def _read_data_set_fragment(self, context: ul.AcceptedContext, length: int, is_last: bool) -> None:
+        if self._command is None:
+            raise ul.ProtocolError("data set fragment without a command", ul.REASON_UNEXPECTED_PDU)
+        if context.context_id != self._command_context.context_id:
+            raise ul.ProtocolError("data set on another presentation context than its command")
+        while length:
+            size = self._reader.readinto(self._buffer[:min(length, READ_CHUNK)])
+            if not size:
+                raise ConnectionError("the peer closed the connection inside a data set")
+            if self._instance is not None:
+                self._instance.write(self._buffer[:size])
+            length -= size
+        if not is_last:
+            return
+        command, instance = self._command, self._instance
+        self._command = self._command_context = self._instance = None
+        if command.command_field != C_STORE_RQ:
+            self._respond(context, command, UNRECOGNISED_OPERATION, "Only C-STORE and C-ECHO are served")
+            return
+        try:
+            status, comment = self._store(context, command, instance)
+        finally:
+            instance.discard()  # the temporary file, when the SCP did not move it into place
+        self._respond(context, command, status, comment)
+
+    def _store(self, context, command: Command, instance: IncomingInstance) -> tuple[int, str | None]:
+        if command.affected_sop_class_uid != context.abstract_syntax:
+            return SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's"
+        instance.finish()
+        status, comment, study_uid = self.scp.store(instance, command, context.transfer_syntax,
+                                                    self.calling_ae_title)
+        if study_uid:
+            self.studies.add(study_uid)
+        return status, comment
+
+    def _dispatch_without_data_set(self, context, command: Command) -> tuple[int, str | None]:
+        if command.command_field == C_ECHO_RQ and context.abstract_syntax == VERIFICATION:
+            return 0x0000, None
+        if command.command_field == C_STORE_RQ:
+            raise ul.ProtocolError("C-STORE-RQ without a data set")
+        return UNRECOGNISED_OPERATION, "Only C-STORE and C-ECHO are served"
+
+    def _respond(self, context, command: Command, status: int, comment: str | None = None) -> None:
+        self.connection.sendall(ul.p_data_tf(context.context_id, encode_response(command, status, comment)))
+
+    # -- ending ------------------------------------------------------------------------
+
+    def _send_quietly(self, pdu: bytes) -> None:
+        try:
+            self.connection.sendall(pdu)
+        except OSError:
+            pass
+
+    def _close(self) -> None:
+        try:
+            if self._reader is not None:
+                self._reader.close()
+            self.connection.close()
+        except OSError:
+            pass
