@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from dicom_ai_node.receive.header_scan import scan_header
 from dicom_ai_node.storage import Storage, StorageError, storage_error
 
 HEADER_PREFIX_BYTES = 256 * 1024
@@ -99,6 +100,15 @@ class IncomingInstance:
             self.path.unlink(missing_ok=True)
             self.path = None
 
+    def scan_header(self, transfer_syntax_uid: str) -> Dataset | None:
+        """UIDs, InstanceNumber and NumberOfFrames only, quickly (see header_scan); None when
+        read_header is needed."""
+        syntax = UID(transfer_syntax_uid)
+        if (not syntax.is_transfer_syntax or not syntax.is_little_endian
+                or syntax == DeflatedExplicitVRLittleEndian):
+            return None
+        return scan_header(self.prefix, syntax.is_implicit_VR)
+
     def read_header(self, transfer_syntax_uid: str) -> Dataset:
         """The data set up to its pixel data. Raises ValueError when it cannot be decoded."""
         syntax = UID(transfer_syntax_uid)
@@ -109,7 +119,7 @@ class IncomingInstance:
             reached_pixels = []
 
             def stop(tag, vr, length) -> bool:
-                if tag >= 0x7FE00000:
+                if tag >> 16 >= 0x7FE0:  # plain int arithmetic: pydicom's Tag comparisons are slow
                     reached_pixels.append(True)
                     return True
                 return False

@@ -144,7 +144,9 @@ class StorageSCP:
         if instance.error is not None:
             raise instance.error
         try:
-            header: Dataset = instance.read_header(transfer_syntax)
+            header: Dataset | None = instance.scan_header(transfer_syntax)
+            if header is None or header.get("SeriesInstanceUID") not in self._known_series:
+                header = instance.read_header(transfer_syntax)  # all of it, for the series row
             study_uid = _uid(header, "StudyInstanceUID")
             series_uid = _uid(header, "SeriesInstanceUID")
             sop_uid = _uid(header, "SOPInstanceUID")
