@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 
 from dicom_ai_node.imaging.volume import SourceFrame, Volume, VolumeError
@@ -43,12 +44,29 @@ class _Frame:
     columns: int
 
 
+PIXEL_DATA = 0x7FE00010
+_DEFER_BYTES = 64 * 1024  # values larger than this (the pixel data) are not read with the header
+_NATIVE_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
 def read_header(path: str | Path) -> Dataset:
-    """The dataset of ``path`` without its pixel data; VolumeError if it is not DICOM."""
+    """The dataset of ``path`` without its pixel data; VolumeError if it is not DICOM.
+
+    Where uncompressed pixel data starts in the file is kept (``native_pixel_data_offset``),
+    so load_series reads the pixels with one read instead of parsing the file again."""
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        header = pydicom.dcmread(str(path), defer_size=_DEFER_BYTES)
     except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError) as error:
         raise VolumeError(f"{Path(path).name} could not be read as a DICOM file: {error}") from None
+    header.native_pixel_data_offset = None
+    if PIXEL_DATA in header:
+        pixels = header.get_item(PIXEL_DATA, keep_deferred=True)
+        del header[PIXEL_DATA]  # results and checks never need it; readers must not load it
+        syntax = header.file_meta.get("TransferSyntaxUID") if "file_meta" in header.__dict__ else None
+        if (isinstance(pixels, RawDataElement) and pixels.value is None and syntax in _NATIVE_SYNTAXES
+                and pixels.length != 0xFFFFFFFF):
+            header.native_pixel_data_offset = pixels.value_tell
+    return header
 
 
 def load_series(paths: list[str | Path], headers: list[Dataset] | None = None) -> Volume:
@@ -71,7 +89,7 @@ def load_series(paths: list[str | Path], headers: list[Dataset] | None = None) -
     pixel_spacing = _common_pixel_spacing(frames)
 
     pixels = np.empty((len(frames), rows, columns), dtype=np.float32)
-    _read_pixels(frames, pixels)
+    _read_pixels(frames, {str(path): header for path, header in zip(paths, headers)}, pixels)
 
     first = headers[0]
     return Volume(
@@ -248,16 +266,16 @@ def _describe(frame: _Frame) -> str:
 # --- pixels -------------------------------------------------------------------------------
 
 
-def _read_pixels(frames: list[_Frame], out: np.ndarray) -> None:
+def _read_pixels(frames: list[_Frame], headers: dict[str, Dataset], out: np.ndarray) -> None:
     """Decode every frame into its slot of ``out`` with rescale applied (one file open per file)."""
     slot_of = {(f.path, f.frame_number or 1): index for index, f in enumerate(frames)}
     for path in dict.fromkeys(frame.path for frame in frames):
-        _read_file_pixels(path, frames, slot_of, out)
+        _read_file_pixels(path, headers[path], frames, slot_of, out)
 
 
-def _read_file_pixels(path: str, frames: list[_Frame], slot_of: dict, out: np.ndarray) -> None:
+def _read_file_pixels(path: str, header: Dataset, frames: list[_Frame], slot_of: dict, out: np.ndarray) -> None:
     try:
-        for number, stored in enumerate(iter_pixels(path), start=1):
+        for number, stored in enumerate(_stored_frames(path, header, out.shape[1:]), start=1):
             index = slot_of.get((path, number))
             if index is None:
                 continue
@@ -277,6 +295,28 @@ def _read_file_pixels(path: str, frames: list[_Frame], slot_of: dict, out: np.nd
             f"The pixel data of {Path(path).name} ({syntax}) could not be decoded: {error}. "
             "Ask the sender to use an uncompressed or standard JPEG/JPEG 2000/RLE transfer syntax."
         ) from None
+
+
+def _stored_frames(path: str, header: Dataset, shape: tuple[int, int]):
+    """The stored values of each frame of ``path``. A plain single-frame grayscale image in
+    little-endian native encoding is read straight from its offset (what pydicom would return,
+    without parsing the file a second time); everything else goes through pydicom's decoders."""
+    offset = getattr(header, "native_pixel_data_offset", None)
+    bits, bits_stored = header.get("BitsAllocated"), header.get("BitsStored")
+    if (offset is not None and bits in (8, 16) and isinstance(bits_stored, int) and 0 < bits_stored <= bits
+            and int(header.get("NumberOfFrames", 1) or 1) == 1 and int(header.get("SamplesPerPixel", 1)) == 1):
+        signed = header.get("PixelRepresentation") == 1
+        dtype = np.dtype(("<i" if signed else "<u") + str(bits // 8))
+        count = int(header.Rows) * int(header.Columns)
+        stored = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if stored.size == count:
+            unused = bits - bits_stored
+            if unused:  # as pydicom does: ignore the unused high bits (sign-extend when signed)
+                np.left_shift(stored, unused, out=stored)
+                np.right_shift(stored, unused, out=stored)
+            yield stored.reshape(int(header.Rows), int(header.Columns))
+            return
+    yield from iter_pixels(path)
 
 
 def _transfer_syntax_name(path: str) -> str:
