@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -22,6 +23,7 @@ from dicom_ai_node.jobs.executor import LocalExecutor
 from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
 from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.receive.scp import StorageSCP
+from dicom_ai_node.results.warm_up import warm_up
 from dicom_ai_node.router import Router, RuleStore
 from dicom_ai_node.routing import RuleError, check_rules
 from dicom_ai_node.storage import Storage
@@ -58,6 +60,7 @@ class Node:
         self._receivers: list[subprocess.Popen] = []  # extra listener processes
 
     def start(self) -> None:
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         self.database.upgrade()
         self.destinations.seed_from_config(self.config.destinations)
         self._load_rules()
