@@ -64,6 +64,7 @@ def test_every_uncompressed_transfer_syntax_is_stored_as_sent(node_factory, tmp_
     assert stored.StudyInstanceUID == dataset.StudyInstanceUID
     assert stored.pixel_array.tolist() == dataset.pixel_array.tolist()
     assert rows(node, "select modality, series_description from series") == [("CT", "tiny CT")]
+    wait_for(lambda: "released: 1 instances stored, 0 refused" in node.log(), timeout=10)
 
 
 def test_a_header_beyond_the_first_bytes_is_read_from_the_file(node_factory, tmp_path):

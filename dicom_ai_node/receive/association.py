@@ -43,6 +43,8 @@ class Association:
         self.scp = scp
         self.calling_ae_title = ""
         self.studies: set[str] = set()  # StudyInstanceUIDs stored on this association
+        self.stored = 0  # instances acknowledged with success
+        self.refused = 0  # instances answered with a failure status
         self._reader = None
         self._contexts: dict[int, ul.AcceptedContext] = {}
         self._buffer = memoryview(bytearray(READ_CHUNK))
@@ -94,11 +96,15 @@ class Association:
                     log.warning("A-RELEASE-RQ from %s in the middle of a message", self.calling_ae_title)
                 self.connection.sendall(ul.release_rp())
                 self.scp.association_released(self)
+                if self.stored or self.refused:
+                    log.info("association from %s at %s released: %d instances stored, %d refused",
+                             self.calling_ae_title, self.address, self.stored, self.refused)
                 return
             elif pdu_type == ul.ABORT:
                 ul.read_exact(self._reader, min(length, 64))
-                log.warning("association from %s at %s aborted by the peer", self.calling_ae_title,
-                            self.address)
+                log.warning("association from %s at %s aborted by the peer after %d instances "
+                            "stored (an instance in transfer was not stored)", self.calling_ae_title,
+                            self.address, self.stored)
                 return
             elif pdu_type in ul.PDU_TYPES:
                 raise ul.ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", ul.REASON_UNEXPECTED_PDU)
@@ -200,12 +206,18 @@ class Association:
 
     def _store(self, context, command: Command, instance: IncomingInstance) -> tuple[int, str | None]:
         if command.affected_sop_class_uid != context.abstract_syntax:
+            log.warning("refused C-STORE from %s: SOP class %s on a context for %s", self.calling_ae_title,
+                        command.affected_sop_class_uid, context.abstract_syntax)
+            self.refused += 1
             return SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's"
         instance.finish()
         status, comment, study_uid = self.scp.store(instance, command, context.transfer_syntax,
                                                     self.calling_ae_title)
         if study_uid:
             self.studies.add(study_uid)
+            self.stored += 1
+        else:
+            self.refused += 1
         return status, comment
 
     def _dispatch_without_data_set(self, context, command: Command) -> tuple[int, str | None]:
