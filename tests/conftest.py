@@ -13,4 +13,19 @@ SHARED_DATA = Path(os.environ.get("DICOM_AI_NODE_SHARED_DATA", PROJECT_ROOT.pare
 requires_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"real test data not found at {SHARED_DATA} (../shared/data)"
 )
+
+
+def shared_dicom_files(max_bytes: float = 50e6) -> list[Path]:
+    """The files of ../shared/data with the DICM marker, up to ``max_bytes`` each, sorted;
+    NIfTI, text and other files are left out."""
+    files = []
+    for path in sorted(SHARED_DATA.rglob("*")):
+        if path.is_file() and 132 < path.stat().st_size <= max_bytes:
+            with open(path, "rb") as handle:
+                handle.seek(128)
+                if handle.read(4) == b"DICM":
+                    files.append(path)
+    return files
+
+
 from tests.peers import orthanc, orthanc_factory  # noqa: F401,E402  (real Orthanc/dcmtk fixtures)

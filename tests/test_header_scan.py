@@ -13,7 +13,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
 from dicom_ai_node.receive.header_scan import WANTED, scan_header
-from tests.conftest import SHARED_DATA, requires_shared_data
+from tests.conftest import requires_shared_data, shared_dicom_files
 
 
 def header(with_sequences: bool = True) -> Dataset:
@@ -78,9 +78,7 @@ def test_agrees_with_pydicom_on_every_little_endian_file_in_shared_data():
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     checked = 0
-    for path in sorted(SHARED_DATA.rglob("*")):
-        if not path.is_file() or path.stat().st_size > 50e6:
-            continue
+    for path in shared_dicom_files(max_bytes=50e6):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.pixels import pixel_array
 
 from dicom_ai_node.imaging.load import _stored_frames, read_header
-from tests.conftest import SHARED_DATA, requires_shared_data
+from tests.conftest import requires_shared_data, shared_dicom_files
 from tests.peers import write_tiny_ct
 
 
@@ -37,9 +37,7 @@ def test_unused_high_bits_are_ignored_as_pydicom_does(tmp_path, signed, bits_sto
 @requires_shared_data
 def test_same_pixels_as_pydicom_for_every_native_single_frame_file_in_shared_data():
     compared = 0
-    for path in sorted(SHARED_DATA.rglob("*")):
-        if not path.is_file() or path.stat().st_size > 20e6:
-            continue
+    for path in shared_dicom_files(max_bytes=20e6):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from pydicom import dcmread
 
-from tests.conftest import SHARED_DATA, requires_shared_data
+from tests.conftest import requires_shared_data, shared_dicom_files
 from tests.node_process import NODE_AE, node_factory  # noqa: F401
 from tests.peers import echoscu, parse_storescu_output, skip_unless_tools, storescu
 
@@ -21,14 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.shared_data, requires_shared_
 
 def dicom_files() -> list:
     """Files with the DICM marker (storescu sends nothing else); NIfTI and text are left out."""
-    files = []
-    for path in sorted(SHARED_DATA.rglob("*")):
-        if path.is_file() and path.stat().st_size > 132:
-            with open(path, "rb") as handle:
-                handle.seek(128)
-                if handle.read(4) == b"DICM":
-                    files.append(path)
-    return files
+    return shared_dicom_files(max_bytes=float("inf"))
 
 
 def sop_instance_uid(path) -> str:
