@@ -219,3 +219,23 @@ def test_a_data_set_that_contradicts_its_request_is_refused(node_factory, tmp_pa
     connection.close()
     assert "differs from the C-STORE request" in node.log()
     assert rows(node, "select count(*) from instance") == [(0,)]
+
+
+def test_a_c_cancel_is_not_answered_and_the_association_goes_on(node_factory, tmp_path):
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    node = node_factory()
+    dataset = write_tiny_ct(tmp_path / "ct.dcm")
+    cancel = Dataset()
+    cancel.CommandField = 0x0FFF
+    cancel.MessageIDBeingRespondedTo = 1
+    cancel.CommandDataSetType = 0x0101
+    cancel.CommandGroupLength = len(encode(cancel, True, True))
+    connection = raw_associate(node)
+    connection.sendall(p_data(True, True, encode(cancel, True, True)))
+    connection.sendall(p_data(True, True, c_store_rq(dataset.SOPInstanceUID)))
+    connection.sendall(p_data(False, True, data_set_bytes(tmp_path / "ct.dcm")))
+    assert read_response_status(connection) == 0x0000  # the first answer is the C-STORE's
+    connection.close()
+    assert rows(node, "select sop_instance_uid from instance") == [(dataset.SOPInstanceUID,)]

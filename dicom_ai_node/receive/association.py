@@ -34,6 +34,7 @@ MAX_COMMAND_BYTES = 64 * 1024
 UNRECOGNISED_OPERATION = 0x0211
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 VERIFICATION = "1.2.840.10008.1.1"
+C_CANCEL_RQ = 0x0FFF
 
 
 class Association:
@@ -176,6 +177,9 @@ class Association:
                     command.affected_sop_class_uid or "1.2.840.10008.5.1.4.1.1.7",
                     command.affected_sop_instance_uid or "1.2.3", context.transfer_syntax,
                     self.calling_ae_title, ul.IMPLEMENTATION_CLASS_UID, ul.IMPLEMENTATION_VERSION_NAME))
+        elif command.command_field == C_CANCEL_RQ or command.command_field & 0x8000:
+            # a cancel or a response: neither is answered (no operation of ours is pending)
+            log.warning("ignored DIMSE command 0x%04X from %s", command.command_field, self.calling_ae_title)
         else:
             self._respond(context, command, *self._dispatch_without_data_set(context, command))
 
