@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=400)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--j2k", action="store_true", help="JPEG 2000 lossless variant")
-    parser.add_argument("--receivers", type=int, default=2, help="[node] receivers for the node")
+    parser.add_argument("--receivers", type=int, default=1, help="[node] receivers for the node")
     parser.add_argument("--only", choices=["node", "storescp", "orthanc"], action="append",
                         help="measure only these receivers (repeatable)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dicom-ai-node-bench"))
