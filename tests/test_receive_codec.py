@@ -61,3 +61,18 @@ def test_file_meta_is_read_back_by_pydicom():
     assert read.file_meta.SourceApplicationEntityTitle == "SCANNER1"
     assert read.file_meta.ImplementationVersionName == "AI_NODE_010"
     assert read.SOPInstanceUID == "1.2.3.4"
+
+
+def test_an_incoming_instance_on_a_vanished_storage_folder_reports_instead_of_raising(tmp_path):
+    import shutil
+
+    from dicom_ai_node.receive.incoming import IncomingInstance
+    from dicom_ai_node.storage import Storage, StorageError
+
+    storage = Storage(tmp_path / "storage")
+    shutil.rmtree(tmp_path / "storage")
+    instance = IncomingInstance(storage, b"meta")
+    instance.write(memoryview(b"data set bytes"))  # later fragments are read and dropped
+    instance.finish()
+    assert isinstance(instance.error, StorageError)
+    assert instance.size == len(b"data set bytes")

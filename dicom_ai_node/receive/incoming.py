@@ -70,6 +70,8 @@ class IncomingInstance:
             self._write(meta)
         except StorageError as error:
             self._fail(error)
+        except OSError as error:  # e.g. the storage folder is gone: a failure status, not an abort
+            self._fail(storage_error(error, "a received instance"))
         self.file_size = len(meta)
 
     def write(self, chunk: memoryview) -> None:
