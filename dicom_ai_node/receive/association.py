@@ -173,10 +173,11 @@ class Association:
         if command.has_data_set:
             self._command, self._command_context = command, context
             if command.command_field == C_STORE_RQ:
+                # a request without its UIDs is refused once the data set is in (they differ)
                 self._instance = IncomingInstance(self.scp.storage, file_meta(
-                    command.affected_sop_class_uid or "1.2.840.10008.5.1.4.1.1.7",
-                    command.affected_sop_instance_uid or "1.2.3", context.transfer_syntax,
-                    self.calling_ae_title, ul.IMPLEMENTATION_CLASS_UID, ul.IMPLEMENTATION_VERSION_NAME))
+                    command.affected_sop_class_uid, command.affected_sop_instance_uid,
+                    context.transfer_syntax, self.calling_ae_title, ul.IMPLEMENTATION_CLASS_UID,
+                    ul.IMPLEMENTATION_VERSION_NAME))
         elif command.command_field == C_CANCEL_RQ or command.command_field & 0x8000:
             # a cancel or a response: neither is answered (no operation of ours is pending)
             log.warning("ignored DIMSE command 0x%04X from %s", command.command_field, self.calling_ae_title)
