@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydicom.dataset import Dataset
 
 from dicom_ai_node.imaging.volume import Volume
@@ -27,9 +29,13 @@ def derivation_description(manifest: Manifest) -> str:
 
 
 def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
-                   manifest: Manifest, uid_seed: str) -> list[tuple[str, Dataset]]:
+                   manifest: Manifest, uid_seed: str,
+                   qc_failures: Sequence[str] = ()) -> list[tuple[str, Dataset]]:
     """All result objects of one job as (kind, dataset); UIDs derive from ``uid_seed``, so
-    encoding the same job again (after a crash) gives the same objects."""
+    encoding the same job again (after a crash) gives the same objects.
+
+    ``qc_failures``: the quality checks this result failed, one sentence each, when it is sent
+    flagged (rule policy ``qc_fail = "send_flagged"``); the SR and the key images then say so."""
     results: list[tuple[str, Dataset]] = []
     segmentation = None
     if output.segments:
@@ -45,10 +51,11 @@ def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
             results.append(("derived", image))
     if output.segments or output.measurements or output.findings:
         report = build_measurement_report(sources, volume, output, manifest, uid_seed,
-                                          SERIES_NUMBER["sr"], segmentation=segmentation)
+                                          SERIES_NUMBER["sr"], segmentation=segmentation,
+                                          qc_failures=qc_failures)
         results.append(("sr", report))
     if output.segments or output.saliency is not None:
         for image in build_key_images(sources, volume, output, manifest, uid_seed,
-                                      SERIES_NUMBER["key_image"]):
+                                      SERIES_NUMBER["key_image"], qc_failures=qc_failures):
             results.append(("key_image", image))
     return results

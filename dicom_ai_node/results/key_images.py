@@ -32,6 +32,7 @@ def build_key_images(
     uid_seed: str,
     series_number: int,
     max_images: int = 3,
+    qc_failures: Sequence[str] = (),
 ) -> list[Dataset]:
     """Up to ``max_images`` RGB Secondary Capture images, in slice order.
 

@@ -52,6 +52,7 @@ def build_measurement_report(
     uid_seed: str,
     series_number: int,
     segmentation: Dataset | None = None,
+    qc_failures: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one job. Pass the SEG built for the same job as ``segmentation``, if any.
 
