@@ -36,6 +36,32 @@ Example (see model_zoo/lung_ct_seg/model.toml for a full one)::
     name = "body_region"
     concept = { scheme = "SCT", value = "...", meaning = "..." }
     values = { chest = { scheme = "SCT", value = "51185008", meaning = "Chest" } }
+
+    # [qc]: what a plausible result is (model_zoo/quality.py checks every result against it
+    # before anything is delivered; a failure is held, sent flagged or dropped by the routing
+    # rule's qc_fail). Every table is optional; each entry names a declared output.
+    [[qc.segments]]
+    name = "lung"                    # an [[outputs.segments]] name
+    required = true                  # an empty or missing mask fails (default false)
+    volume_ml = [100, 12000]         # the segment's volume (mL) must lie in [low, high]
+
+    [[qc.measurements]]
+    name = "mean_attenuation"        # an [[outputs.measurements]] name
+    range = [-1000, -500]            # [low, high] in the measurement's unit
+    segment = "lung"                 # optional: only the value taken on this segment
+    required = false                 # true: a missing (or not finite) value fails
+
+    [[qc.findings]]
+    name = "body_region"             # an [[outputs.findings]] name
+    min_probability = 0.6            # the finding's probability must be at least this
+
+    [[qc.reductions]]                # a measurement that must fall relative to another
+    before = "noise_input"           # both [[outputs.measurements]] names
+    after = "noise_output"
+    min_relative = 0.2               # (before - after) / before >= 0.2, i.e. 20% less
+
+A check whose output is absent passes unless ``required = true``; a value that is not a finite
+number always fails.
 """
 
 from __future__ import annotations
@@ -96,6 +122,54 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class SegmentCheck:
+    """[[qc.segments]]: the segment must be non-empty (``required``) and/or its volume in range."""
+
+    name: str
+    required: bool = False
+    volume_ml: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class MeasurementCheck:
+    """[[qc.measurements]]: the measurement's value in ``allowed`` (TOML key ``range``)."""
+
+    name: str
+    allowed: tuple[float, float]
+    segment: str | None = None  # None: every value of that name, whatever its segment
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class FindingCheck:
+    """[[qc.findings]]: the finding's probability at least ``min_probability``."""
+
+    name: str
+    min_probability: float
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class ReductionCheck:
+    """[[qc.reductions]]: measurement ``after`` at least ``min_relative`` below ``before``."""
+
+    before: str
+    after: str
+    min_relative: float
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """[qc]: what a plausible result of this model is; empty when the manifest has no [qc]."""
+
+    segments: tuple[SegmentCheck, ...] = ()
+    measurements: tuple[MeasurementCheck, ...] = ()
+    findings: tuple[FindingCheck, ...] = ()
+    reductions: tuple[ReductionCheck, ...] = ()
+
+
+@dataclass(frozen=True)
 class Manifest:
     path: Path  # the model.toml file
     name: str
@@ -112,6 +186,7 @@ class Manifest:
     findings: tuple[FindingSpec, ...] = ()
     description: str = ""
     extra: dict = field(default_factory=dict)  # [model.options] passed to the model as-is
+    qc: QualitySpec = field(default_factory=QualitySpec)
 
     @property
     def folder(self) -> Path:
@@ -169,6 +244,37 @@ class _Reader:
             self.fail(f"{where}.{key}.meaning", "code meanings are at most 64 characters (DICOM LO)")
         return Code(*parts)
 
+    def bounds(self, table: dict, key: str, where: str, unit: str = "", required=True, default=None):
+        """[low, high] of two numbers with low <= high, as floats."""
+        value = self.get(table, key, where, list, required=required, default=default)
+        if value is None:
+            return None
+        if (len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                or not value[0] <= value[1]):
+            self.fail(f"{where}.{key}", f"must be [low, high]{' in ' + unit if unit else ''} with low <= high, "
+                      f"got {value!r}")
+        return float(value[0]), float(value[1])
+
+    def fraction(self, table: dict, key: str, where: str) -> float:
+        value = self.get(table, key, where, float)
+        if not 0.0 <= value <= 1.0:
+            self.fail(f"{where}.{key}", f"must be between 0 and 1, got {value!r}")
+        return value
+
+    def known_keys(self, table: dict, allowed: tuple[str, ...], where: str) -> None:
+        """Refuse keys outside ``allowed``: a misspelt check would otherwise silently not run."""
+        for key in sorted(set(table) - set(allowed)):
+            self.fail(f"{where}.{key}", f"unknown key (allowed: {', '.join(allowed)})")
+
+    def name_of(self, table: dict, key: str, where: str, declared: list[str], kind: str,
+                required=True) -> str | None:
+        """A name that must be one of the manifest's declared outputs of ``kind``."""
+        name = self.get(table, key, where, str, required=required)
+        if name is not None and name not in declared:
+            self.fail(f"{where}.{key}", f"{name!r} is not an [[outputs.{kind}]] name "
+                      f"(declared: {', '.join(declared) or 'none'})")
+        return name
+
     def strings(self, table: dict, key: str, where: str, required=False) -> tuple[str, ...]:
         raw = self.get(table, key, where, (list, str), required=required, default=[])
         raw = [raw] if isinstance(raw, str) else raw
@@ -195,13 +301,10 @@ def load_manifest(path: str | Path) -> Manifest:
         read.fail("model.task", f"must be one of {', '.join(TASKS)}, got {task!r}")
     algorithm = read.get(tree, "algorithm", "", dict)
     raw_input = read.get(tree, "input", "", dict)
-    spacing = read.get(raw_input, "spacing_mm", "input", list, required=False, default=[0.0, 1e9])
-    if len(spacing) != 2 or not all(isinstance(v, (int, float)) for v in spacing) or spacing[0] > spacing[1]:
-        read.fail("input.spacing_mm", f"must be [low, high] in mm, got {spacing!r}")
     input_spec = InputSpec(
         modality=read.strings(raw_input, "modality", "input", required=True),
         min_slices=read.get(raw_input, "min_slices", "input", int, required=False, default=1),
-        spacing_mm=(float(spacing[0]), float(spacing[1])),
+        spacing_mm=read.bounds(raw_input, "spacing_mm", "input", "mm", required=False, default=[0.0, 1e9]),
         body_part=tuple(s.upper() for s in read.strings(raw_input, "body_part", "input")),
         required_attributes=read.strings(raw_input, "required_attributes", "input"),
     )
@@ -248,6 +351,9 @@ def load_manifest(path: str | Path) -> Manifest:
         if duplicates:
             read.fail(f"outputs.{kind}", f"duplicate names {duplicates}")
 
+    quality = _quality_spec(read, read.get(tree, "qc", "", dict, required=False, default={}),
+                            segments, measurements, findings)
+
     return Manifest(
         path=path,
         name=read.get(model, "name", "model", str),
@@ -265,4 +371,67 @@ def load_manifest(path: str | Path) -> Manifest:
         measurements=tuple(measurements),
         findings=tuple(findings),
         extra=read.get(model, "options", "model", dict, required=False, default={}),
+        qc=quality,
     )
+
+
+QC_TABLES = ("segments", "measurements", "findings", "reductions")
+
+
+def _quality_spec(read: _Reader, raw: dict, segments, measurements, findings) -> QualitySpec:
+    """[qc], every entry checked against the declared outputs it names."""
+    read.known_keys(raw, QC_TABLES, "qc")
+    segment_names = [s.name for s in segments]
+    measurement_names = [m.name for m in measurements]
+    finding_names = [f.name for f in findings]
+
+    def entries(kind: str, keys: tuple[str, ...]):
+        for i, item in enumerate(read.get(raw, kind, "qc", list, required=False, default=[])):
+            where = f"qc.{kind}[{i}]"
+            if not isinstance(item, dict):
+                read.fail(where, f"must be a table ([[qc.{kind}]]), got {item!r}")
+            read.known_keys(item, keys, where)
+            yield item, where
+
+    def required(item, where) -> bool:
+        return read.get(item, "required", where, bool, required=False, default=False)
+
+    segment_checks = []
+    for item, where in entries("segments", ("name", "required", "volume_ml")):
+        check = SegmentCheck(name=read.name_of(item, "name", where, segment_names, "segments"),
+                             required=required(item, where),
+                             volume_ml=read.bounds(item, "volume_ml", where, "mL", required=False))
+        if not check.required and check.volume_ml is None:
+            read.fail(where, "checks nothing: set required = true and/or volume_ml = [low, high]")
+        segment_checks.append(check)
+    measurement_checks = [
+        MeasurementCheck(name=read.name_of(item, "name", where, measurement_names, "measurements"),
+                         allowed=read.bounds(item, "range", where),
+                         segment=read.name_of(item, "segment", where, segment_names, "segments", required=False),
+                         required=required(item, where))
+        for item, where in entries("measurements", ("name", "range", "segment", "required"))]
+    finding_checks = [
+        FindingCheck(name=read.name_of(item, "name", where, finding_names, "findings"),
+                     min_probability=read.fraction(item, "min_probability", where),
+                     required=required(item, where))
+        for item, where in entries("findings", ("name", "min_probability", "required"))]
+    reduction_checks = []
+    for item, where in entries("reductions", ("before", "after", "min_relative", "required")):
+        check = ReductionCheck(before=read.name_of(item, "before", where, measurement_names, "measurements"),
+                               after=read.name_of(item, "after", where, measurement_names, "measurements"),
+                               min_relative=read.fraction(item, "min_relative", where),
+                               required=required(item, where))
+        if check.before == check.after:
+            read.fail(f"{where}.after", "must name another measurement than before")
+        reduction_checks.append(check)
+
+    for kind, keys in (("segments", [c.name for c in segment_checks]),
+                       ("measurements", [c.name + (f" on {c.segment}" if c.segment else "")
+                                         for c in measurement_checks]),
+                       ("findings", [c.name for c in finding_checks]),
+                       ("reductions", [f"{c.before} -> {c.after}" for c in reduction_checks])):
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            read.fail(f"qc.{kind}", f"the same output is checked twice: {', '.join(duplicates)}")
+    return QualitySpec(tuple(segment_checks), tuple(measurement_checks), tuple(finding_checks),
+                       tuple(reduction_checks))
