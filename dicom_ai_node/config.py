@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicom_ai_node.routing.rules import QC_FAIL_POLICIES
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the file and the key."""
@@ -84,6 +86,9 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     rules: list = field(default_factory=list)  # raw [[rules]] tables, parsed by dicom_ai_node.routing
     web: WebConfig = field(default_factory=WebConfig)
+    # [qc] on_fail: what happens to a result that fails its model's quality checks when the
+    # routing rule has no qc_fail of its own (hold | send_flagged | drop)
+    qc_on_fail: str = "hold"
 
     def destination(self, name: str) -> DestinationConfig:
         for destination in self.destinations:
@@ -159,7 +164,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     read = _Reader(path)
     read.unknown_keys(tree, {"node", "database", "completion", "workers", "models",
-                             "destinations", "rules", "web"}, "")
+                             "destinations", "rules", "web", "qc"}, "")
 
     raw = read.get(tree, "node", "", dict, default={})
     read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
@@ -276,6 +281,11 @@ def load_config(path: str | Path) -> Config:
                                "must be > 0"),
     )
 
+    raw = read.get(tree, "qc", "", dict, default={})
+    read.unknown_keys(raw, {"on_fail"}, "qc")
+    qc_on_fail = read.get(raw, "on_fail", "qc", str, "hold", lambda v: v in QC_FAIL_POLICIES,
+                          f"must be one of {', '.join(QC_FAIL_POLICIES)}")
+
     storage_override = os.environ.get("DICOM_AI_NODE_STORAGE_DIR")
     if storage_override:
         node = NodeConfig(**{**node.__dict__, "storage_dir": Path(storage_override)})
@@ -283,4 +293,4 @@ def load_config(path: str | Path) -> Config:
 
     return Config(path=path, node=node, database_url=database_url, quiet_period_s=quiet,
                   workers=workers, executor=executor, model_paths=tuple(model_paths),
-                  destinations=tuple(destinations), rules=rules, web=web)
+                  destinations=tuple(destinations), rules=rules, web=web, qc_on_fail=qc_on_fail)

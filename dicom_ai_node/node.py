@@ -49,7 +49,7 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.outbox = Outbox(config, self.database, self.storage, lookup=self.destinations.get)
         self.runner = JobRunner(self.database, self.storage, self.models,
-                                on_results=self._kick_outbox)
+                                on_results=self._kick_outbox, default_qc_fail=config.qc_on_fail)
         self.executor = LocalExecutor(self.runner.run, config.workers)
         self.router = Router(self.database, self.rules, config.quiet_period_s, self.executor.submit)
         release_grace_s = config.node.release_grace_s if config.node.complete_on_release else None

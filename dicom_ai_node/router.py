@@ -4,8 +4,10 @@ its reasons, and create one job per (series, model) for the exact set of input i
 Idempotent by construction: a job is unique on (series, model, fingerprint of its SOP
 Instance UIDs), so a study evaluated twice with the same instances gets no second job.
 When more instances arrived, an older job on that series and model that has no results yet
-is marked superseded (a running one drops its results) and a new one is created; an older
-job already delivering finishes, and the new job's results follow as a newer version.
+is marked superseded (a running one drops its results) and a new one is created; so is a
+held one (its results failed their quality checks and were never sent: nobody needs to review
+results of an outdated series). An older job already delivering finishes, and the new job's
+results follow as a newer version.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from dicom_ai_node import audit
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import (Instance, Job, JobState, RoutingDecision, RuleSetVersion,
                                      Series, Study, utcnow)
-from dicom_ai_node.routing import RuleSet, SeriesFacts, evaluate, parse_rules, plan, rules_to_toml
+from dicom_ai_node.routing import RuleSet, Run, SeriesFacts, evaluate, parse_rules, plan, rules_to_toml
 
 log = logging.getLogger(__name__)
+
+# jobs a newer job on the same series replaces: nothing of theirs was sent (or ever will be)
+SUPERSEDABLE = (JobState.queued, JobState.running, JobState.encoding, JobState.held)
 
 
 def input_fingerprint(sop_uids: list[str]) -> str:
@@ -123,8 +128,8 @@ class Router:
                 session.add(RoutingDecision(study_instance_uid=study_uid, evaluation=evaluation,
                                             rule_set_version=version, rule_name=decision.rule_name,
                                             matched=decision.matched, detail=decision.to_json()))
-            new_jobs = [job for item in plan(decisions)
-                        if (job := self._job_for(session, study_uid, *item)) is not None]
+            new_jobs = [job for run in plan(decisions)
+                        if (job := self._job_for(session, study_uid, run)) is not None]
             session.flush()
             job_ids = [job.id for job in new_jobs]
         matched = [d.rule_name for d in decisions if d.matched]
@@ -134,23 +139,22 @@ class Router:
             self.submit(job_id)
         return job_ids
 
-    def _job_for(self, session: Session, study_uid: str, series_uid: str, model: str,
-                 destinations: list[str], rule_name: str) -> Job | None:
+    def _job_for(self, session: Session, study_uid: str, run: Run) -> Job | None:
         sop_uids = list(session.scalars(select(Instance.sop_instance_uid)
-                                        .where(Instance.series_instance_uid == series_uid)))
+                                        .where(Instance.series_instance_uid == run.series_uid)))
         fingerprint = input_fingerprint(sop_uids)
-        existing = session.scalars(select(Job).where(Job.series_instance_uid == series_uid,
-                                                     Job.model_name == model)).all()
+        existing = session.scalars(select(Job).where(Job.series_instance_uid == run.series_uid,
+                                                     Job.model_name == run.model)).all()
         if any(job.input_fingerprint == fingerprint for job in existing):
             return None  # same instances, same model: already done or in progress
-        for job in existing:
-            # only jobs without results yet; a delivering job finishes sending what it made
-            if job.state in (JobState.queued, JobState.running, JobState.encoding):
-                job.state = JobState.superseded
-                job.reason = f"more instances arrived ({len(sop_uids)} now); replaced by a newer job"
-                job.finished_at = utcnow()
-        job = Job(study_instance_uid=study_uid, series_instance_uid=series_uid, model_name=model,
-                  rule_name=rule_name, destinations=list(destinations),
+        # only jobs with nothing sent; a delivering job finishes sending what it made. The state
+        # is checked in the UPDATE itself, so an admin releasing a held job meanwhile wins.
+        session.execute(update(Job).where(Job.id.in_([job.id for job in existing]),
+                                          Job.state.in_(SUPERSEDABLE))
+                        .values(state=JobState.superseded, finished_at=utcnow(),
+                                reason=f"more instances arrived ({len(sop_uids)} now); replaced by a newer job"))
+        job = Job(study_instance_uid=study_uid, series_instance_uid=run.series_uid, model_name=run.model,
+                  rule_name=run.rule_name, destinations=list(run.destinations), qc_policy=run.qc_fail,
                   input_fingerprint=fingerprint, input_count=len(sop_uids), state=JobState.queued)
         session.add(job)
         return job

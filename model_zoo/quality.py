@@ -1,7 +1,7 @@
 """Quality checks: is a model's output plausible by its manifest's [qc]? Pure: no files, no database.
 
     results = check_output(manifest, output, volume.voxel_volume_ml)
-    failed = [r for r in results if not r.passed]
+    reasons = failures(results)  # the failed checks' sentences
 
 One :class:`CheckResult` per check and value (a measurement taken on two segments is checked
 twice). A check whose output is absent passes unless the manifest says ``required = true``; a
@@ -47,6 +47,11 @@ def check_output(manifest: Manifest, output: ModelOutput, voxel_volume_ml: float
     for check in spec.reductions:
         results += _reduction(check, output, _unit(manifest, check.after))
     return results
+
+
+def failures(results: list[CheckResult]) -> list[str]:
+    """The sentences of the checks that failed, in check order."""
+    return [result.message for result in results if not result.passed]
 
 
 def _segment(check: SegmentCheck, output: ModelOutput, voxel_volume_ml: float) -> CheckResult:

@@ -24,6 +24,7 @@ def test_the_shipped_default_config_is_valid():
     assert config.database_url.startswith("sqlite:///")
     assert config.destination("pacs").port == 4242
     assert config.rules and config.rules[0]["models"] == ["lung_ct_seg"]
+    assert config.qc_on_fail == "hold"  # a result failing its quality checks waits for an admin
     # relative paths are relative to the config file, not the working directory
     assert config.node.storage_dir == PROJECT_ROOT / "var" / "storage"
 
@@ -41,6 +42,8 @@ def test_the_shipped_default_config_is_valid():
      "is required"),
     (MINIMAL + "tls = { cert_file = 'missing.crt', key_file = 'k' }\n", "node.tls.cert_file", "file not found"),
     (MINIMAL + "port = \n", "", "not valid TOML"),
+    (MINIMAL + "[qc]\non_fail = 'send'\n", "qc.on_fail", "must be one of hold, send_flagged, drop"),
+    (MINIMAL + "[qc]\nfail = 'drop'\n", "qc.fail", "unknown key"),
 ])
 def test_errors_name_the_file_and_the_key(tmp_path, text, key, problem):
     path = write(tmp_path, text)
@@ -50,6 +53,11 @@ def test_errors_name_the_file_and_the_key(tmp_path, text, key, problem):
     assert message.startswith(str(path.resolve()))
     assert f": {key}: " in message if key else True
     assert problem in message
+
+
+def test_qc_on_fail_defaults_to_hold_and_takes_the_other_policies(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL)).qc_on_fail == "hold"
+    assert load_config(write(tmp_path, MINIMAL + "[qc]\non_fail = 'send_flagged'\n")).qc_on_fail == "send_flagged"
 
 
 def test_serve_refuses_a_wrong_config_with_exit_code_2(tmp_path, capsys):

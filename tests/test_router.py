@@ -148,3 +148,32 @@ def test_a_delivering_job_is_not_superseded(database):
     with database.session() as session:
         assert session.get(Job, first).state == JobState.delivering
         assert session.get(Job, second).state == JobState.queued
+
+
+def test_a_held_job_is_superseded_and_can_no_longer_be_released(database):
+    from dicom_ai_node.jobs import review
+
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    router, _ = make_router(database, [])
+    [first] = router.route("1.2.3")
+    with database.session() as session:
+        session.get(Job, first).state = JobState.held  # its results failed their quality checks
+    receive(database, "1.2.3.1", "1.2.3.1.2")
+    [second] = router.route("1.2.3")
+    with database.session() as session:
+        held = session.get(Job, first)
+        assert held.state == JobState.superseded and "replaced by a newer job" in held.reason
+        assert session.get(Job, second).state == JobState.queued
+    with database.session() as session, pytest.raises(review.NotHeld, match="is superseded"):
+        review.release(session, first, "alice")
+
+
+def test_the_rule_qc_fail_is_recorded_on_the_job(database):
+    receive(database, "1.2.3.1", "1.2.3.1.1")
+    rules = RuleStore(database)
+    rules.seed_from_config([{**RULES[0], "qc_fail": "send_flagged"}])
+    [job_id] = Router(database, rules, 1.0, lambda job_id: None).route("1.2.3")
+    with database.session() as session:
+        assert session.get(Job, job_id).qc_policy == "send_flagged"
+        decision = session.scalars(select(RoutingDecision)).one()
+        assert decision.detail["qc_fail"] == "send_flagged"  # shown with the decision's reasons

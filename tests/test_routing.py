@@ -9,6 +9,7 @@ import pytest
 
 from dicom_ai_node.routing import (
     RuleError,
+    Run,
     SeriesFacts,
     check_rules,
     evaluate,
@@ -293,22 +294,24 @@ def test_evaluation_order_priority_desc_then_name_and_disabled_rule():
     assert all(d.matched for d in decisions[1:])
     assert json.loads(json.dumps(off.to_json()))["reasons"] == ["disabled"]
     assert set(decisions[1].to_json()) == {
-        "rule_name", "priority", "matched", "selected_series", "models", "destinations", "quiet_period_s", "reasons",
+        "rule_name", "priority", "matched", "selected_series", "models", "destinations", "quiet_period_s", "qc_fail",
+        "reasons",
     }
 
 
 def test_plan_deduplicates_series_model_pairs_highest_priority_wins():
     rule_set = parse_rules([
         {**rule({"tag": "Modality", "equals": "CT"}, name="broad", priority=1), "models": ["seg", "qc"], "destinations": ["archive"]},
-        {**rule({"tag": "SeriesDescription", "regex": "1.0"}, name="specific", priority=10), "models": ["seg"], "destinations": ["pacs"]},
+        {**rule({"tag": "SeriesDescription", "regex": "1.0"}, name="specific", priority=10, qc_fail="drop"),
+         "models": ["seg"], "destinations": ["pacs"]},
         {**rule({"tag": "Modality", "equals": "MR"}, name="mr", priority=20), "models": ["seg"]},
     ])
     runs = plan(evaluate(rule_set, [STUDY[2], STUDY[3]]))
-    assert runs == [
-        ("1.4", "seg", ["pacs"], "specific"),
-        ("1.3", "seg", ["archive"], "broad"),
-        ("1.3", "qc", ["archive"], "broad"),
-        ("1.4", "qc", ["archive"], "broad"),
+    assert runs == [  # the winning rule's destinations and quality-check policy
+        Run("1.4", "seg", ["pacs"], "specific", "drop"),
+        Run("1.3", "seg", ["archive"], "broad", None),
+        Run("1.3", "qc", ["archive"], "broad", None),
+        Run("1.4", "qc", ["archive"], "broad", None),
     ]
 
 
@@ -317,7 +320,7 @@ def test_plan_skips_disabled_rules():
         rule({"tag": "Modality", "equals": "CT"}, name="off", priority=9, enabled=False),
         {**rule({"tag": "Modality", "equals": "CT"}, name="on"), "destinations": ["viewer"]},
     ])
-    assert plan(evaluate(rule_set, [STUDY[3]])) == [("1.4", "m", ["viewer"], "on")]
+    assert plan(evaluate(rule_set, [STUDY[3]])) == [Run("1.4", "m", ["viewer"], "on", None)]
 
 
 # --- problems --------------------------------------------------------------------------------
@@ -356,7 +359,7 @@ def test_all_problems_are_listed_at_once():
     ]
     assert problems_of(data, "config.toml") == [
         "config.toml: rules[0] (a).enabeld: unknown key 'enabeld' (expected one of name, priority, enabled, models, "
-        "destinations, quiet_period_s, when, series)",
+        "destinations, quiet_period_s, qc_fail, when, series)",
         "config.toml: rules[0] (a).priority: expected an integer, got a string 'high'",
         "config.toml: rules[0] (a).models: expected a non-empty list of model names, got a string 'seg'",
         "config.toml: rules[0] (a).when.equals: expected a string or number, got a boolean True",
@@ -453,7 +456,8 @@ def test_rules_to_toml_round_trips():
         ]}}, name='odd "name" é', priority=-3, enabled=False),
         "destinations": [],
     })
-    data["rules"].append(rule({"tag": "SeriesDescription", "regex": r"^T1\b"}, name="literal"))
+    data["rules"].append(rule({"tag": "SeriesDescription", "regex": r"^T1\b"}, name="literal",
+                              qc_fail="send_flagged"))
     original = parse_rules(data)
     text = rules_to_toml(original)
     assert parse_rules(tomllib.loads(text)) == original
@@ -470,7 +474,14 @@ def test_empty_rule_set_round_trips():
 
 def test_rule_without_selector_writes_no_series_table():
     text = rules_to_toml(parse_rules([rule({"tag": "Modality", "equals": "CT"})]))
-    assert "[rules.series]" not in text and "quiet_period_s" not in text
+    assert "[rules.series]" not in text and "quiet_period_s" not in text and "qc_fail" not in text
+
+
+def test_qc_fail_is_one_of_the_policies():
+    assert parse_rules([rule({"tag": "Modality", "equals": "CT"}, qc_fail="hold")]).rules[0].qc_fail == "hold"
+    assert parse_rules([rule({"tag": "Modality", "equals": "CT"})]).rules[0].qc_fail is None  # node default
+    assert problems_of([rule({"tag": "Modality", "equals": "CT"}, qc_fail="send")]) == [
+        "rules.toml: rules[0] (r).qc_fail: expected one of hold | send_flagged | drop, got a string 'send'"]
 
 
 def test_duplicate_names_are_reported_alongside_other_problems():

@@ -103,14 +103,20 @@ class JobState(str, enum.Enum):
     queued = "queued"
     running = "running"
     encoding = "encoding"
+    # results failed their quality checks under policy "hold": stored, not sent, until an admin
+    # releases them (-> delivering) or rejects them (-> rejected)
+    held = "held"
     delivering = "delivering"
     done = "done"
     failed = "failed"
     superseded = "superseded"  # more instances arrived; a newer job on the same series replaces it
+    rejected = "rejected"  # held results an admin rejected: nothing is ever sent
+    dropped = "dropped"  # results failed their quality checks under policy "drop": nothing sent
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.done, JobState.failed, JobState.superseded)
+        return self in (JobState.done, JobState.failed, JobState.superseded, JobState.rejected,
+                        JobState.dropped)
 
 
 class Job(Base):
@@ -131,7 +137,10 @@ class Job(Base):
     input_count: Mapped[int] = mapped_column(Integer)
     state: Mapped[JobState] = mapped_column(Enum(JobState, native_enum=False, length=16),
                                             default=JobState.queued, index=True)
-    reason: Mapped[str | None] = mapped_column(Text)  # why it failed / was superseded
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed / was superseded / is held
+    # what happens when its results fail their quality checks (hold | send_flagged | drop): the
+    # routing rule's qc_fail when it has one, else None until the runner applies the node's default
+    qc_policy: Mapped[str | None] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     timings: Mapped[dict] = mapped_column(JSON, default=dict)  # step -> seconds
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -139,6 +148,25 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
 
     results: Mapped[list["ResultObject"]] = relationship(back_populates="job", order_by="ResultObject.id")
+    quality_checks: Mapped[list["QualityCheck"]] = relationship(order_by="QualityCheck.id")
+
+
+class QualityCheck(Base):
+    """One quality check of a job's result ([qc] in the model's model.toml) and its outcome
+    (migration 0004). Written before the results are encoded; a re-run replaces them."""
+
+    __tablename__ = "quality_check"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))  # e.g. "lung volume"
+    value: Mapped[float | None] = mapped_column(Float)  # None: the output was absent
+    low: Mapped[float | None] = mapped_column(Float)  # allowed range; None is open on that side
+    high: Mapped[float | None] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(32))
+    passed: Mapped[bool]
+    message: Mapped[str] = mapped_column(Text)  # one sentence, no patient data
+    checked_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ResultObject(Base):

@@ -108,6 +108,12 @@ class Outbox:
                 update_job_after_delivery(session, session.get(Job, job_id))
 
 
+def queue_deliveries(result: ResultObject, destinations: list[str]) -> None:
+    """The outbox rows that send ``result`` to each destination, pending from now."""
+    for destination in destinations:
+        result.deliveries.append(Delivery(destination=destination))
+
+
 def resend_deliveries(session, actor: str, *, job_id: int | None = None, study_uid: str | None = None,
                       delivery_ids: list[int] | None = None, failed: bool = False) -> int:
     """Put deliveries back to pending (every one of a job, of a study, the listed ones, or every

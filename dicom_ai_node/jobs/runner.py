@@ -1,8 +1,16 @@
-"""Running one job: load the series, check it fits the model, predict, encode, queue delivery.
+"""Running one job: load the series, check it fits the model, predict, check the result's
+quality, encode, queue delivery.
 
 Each step commits before the next starts. The expensive middle (volume, prediction) is not
 persisted: a job interrupted in `running` or `encoding` runs again from its input instances,
 and because result UIDs derive from the job, the second run writes the very same objects.
+
+The quality gate: every result is checked against its model's [qc] (model_zoo/quality.py) and
+the checks are stored with the policy that applies (the rule's qc_fail, else the node's
+[qc] on_fail) before anything is encoded. When a check fails: "drop" finishes the job without
+encoding anything; "send_flagged" encodes the failures into the SR and key images and queues
+delivery as usual; "hold" encodes them the same way (a released result says it failed its
+checks too) but queues nothing: the job waits in `held` for an admin (jobs/review.py).
 """
 
 from __future__ import annotations
@@ -13,16 +21,18 @@ from collections.abc import Callable
 
 from pydicom import dcmwrite
 from pydicom.filebase import DicomBytesIO
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Delivery, Instance, Job, JobState, ResultObject, utcnow
+from dicom_ai_node.db.models import Instance, Job, JobState, QualityCheck, ResultObject, utcnow
+from dicom_ai_node.deliver.outbox import queue_deliveries
 from dicom_ai_node.imaging.load import load_series, read_header
 from dicom_ai_node.imaging.volume import VolumeError
 from dicom_ai_node.jobs.encode import encode_results
 from dicom_ai_node.router import input_fingerprint
 from dicom_ai_node.storage import Storage
 from dicom_ai_node.models import ModelRegistry
+from model_zoo.quality import CheckResult, check_output, failures
 from model_zoo.registry import check_input
 
 log = logging.getLogger(__name__)
@@ -36,11 +46,12 @@ class JobFailed(Exception):
 
 class JobRunner:
     def __init__(self, database: Database, storage: Storage, models: ModelRegistry,
-                 on_results: Callable[[], None] = lambda: None):
+                 on_results: Callable[[], None] = lambda: None, default_qc_fail: str = "hold"):
         self.database = database
         self.storage = storage
         self.models = models
         self.on_results = on_results  # tells the outbox there is something to send
+        self.default_qc_fail = default_qc_fail  # [qc] on_fail: for jobs whose rule has no qc_fail
 
     def run(self, job_id: int) -> None:
         claimed = self._claim(job_id)
@@ -100,12 +111,17 @@ class JobRunner:
         output = model.predict(volume)
         timings["inference_s"] = _since(started)
 
-        self._set_state(job.id, JobState.encoding)
+        checks = check_output(manifest, output, volume.voxel_volume_ml)
+        failed = failures(checks)
+        policy = job.qc_policy or self.default_qc_fail
+        if not self._record_checks(job.id, checks, policy):
+            return  # superseded or cancelled meanwhile, or dropped by the quality gate
+
         started = time.perf_counter()
         header_of = {str(path): header for path, header in zip(paths, headers)}
         sources = [header_of[str(path)] for path in dict.fromkeys(f.path for f in volume.source_frames)]
         uid_seed = f"dicom-ai-node job {job.id} {job.input_fingerprint} {manifest.name} {manifest.version}"
-        objects = encode_results(sources, volume, output, manifest, uid_seed)
+        objects = encode_results(sources, volume, output, manifest, uid_seed, qc_failures=failed)
         written = []
         for kind, dataset in objects:
             path = self.storage.result_path(job.id, dataset.SOPInstanceUID)
@@ -118,29 +134,51 @@ class JobRunner:
             if stored.state != JobState.encoding:
                 log.info("job %d was %s while running; its results are dropped", job.id, stored.state.value)
                 return
+            held = bool(failed) and policy == "hold"
             for kind, dataset, path in written:
                 result = ResultObject(job_id=job.id, kind=kind, sop_instance_uid=dataset.SOPInstanceUID,
                                       sop_class_uid=dataset.SOPClassUID,
                                       series_instance_uid=dataset.SeriesInstanceUID, path=path)
                 session.add(result)
-                for destination in stored.destinations:
-                    result.deliveries.append(Delivery(destination=destination))
+                if not held:
+                    queue_deliveries(result, stored.destinations)
             stored.model_version = manifest.version
             stored.timings = {**timings, "delivery_started_at": utcnow().isoformat()}
-            if stored.destinations:
+            if held:
+                stored.state, stored.reason = JobState.held, "held for review: " + "; ".join(failed)
+            elif stored.destinations:
                 stored.state = JobState.delivering
             else:
                 stored.state, stored.finished_at = JobState.done, utcnow()
-        log.info("job %d (%s): %d result objects, load %.1fs, inference %.1fs, encode %.1fs",
-                 job.id, manifest.name, len(written), timings["load_s"], timings["inference_s"],
-                 timings["encode_s"])
-        self.on_results()
+        log.info("job %d (%s): %d result objects%s, load %.1fs, inference %.1fs, encode %.1fs",
+                 job.id, manifest.name, len(written), ", held for review" if held else "", timings["load_s"],
+                 timings["inference_s"], timings["encode_s"])
+        if not held:
+            self.on_results()
 
-    def _set_state(self, job_id: int, state: JobState) -> None:
+    def _record_checks(self, job_id: int, checks: list[CheckResult], policy: str) -> bool:
+        """Store the checks and the policy applied, in one commit with the job's next state:
+        `encoding`, or `dropped` when a check failed and the policy is "drop". False when the
+        job is not to be encoded (dropped, or no longer running)."""
+        failed = failures(checks)
         with self.database.session() as session:
             job = session.get(Job, job_id)
-            if job.state == JobState.running:
-                job.state = state
+            if job.state != JobState.running:
+                log.info("job %d was %s while running; its results are dropped", job_id, job.state.value)
+                return False
+            session.execute(delete(QualityCheck).where(QualityCheck.job_id == job_id))  # an earlier attempt's
+            session.add_all(QualityCheck(job_id=job_id, name=c.name, value=c.value, low=c.low, high=c.high,
+                                         unit=c.unit, passed=c.passed, message=c.message) for c in checks)
+            job.qc_policy = policy
+            if failed and policy == "drop":
+                job.state, job.finished_at = JobState.dropped, utcnow()
+                job.reason = "dropped: quality checks failed: " + "; ".join(failed)
+            else:
+                job.state = JobState.encoding
+        if failed:  # names and numbers only: no patient data
+            log.warning("job %d (%s): %d of %d quality checks failed, policy %s: %s", job_id, job.model_name,
+                        len(failed), len(checks), policy, "; ".join(failed))
+        return job.state == JobState.encoding
 
     def _finish(self, job_id: int, state: JobState, reason: str, timings: dict) -> None:
         with self.database.session() as session:

@@ -6,7 +6,7 @@ Decisions, with their reasons, that evaluate() returns.
     rule_set = load_rules_file("rules.toml")            # or parse_rules(config["rules"], "config.toml")
     problems = check_rules(rule_set, known_models, known_destinations)
     decisions = evaluate(rule_set, series_of_study)    # one Decision per rule, reasons included
-    for series_uid, model, destinations, rule_name in plan(decisions): ...
+    for run in plan(decisions): ...                     # Run(series_uid, model, destinations, rule_name, qc_fail)
 
 Condition semantics (see conditions.py): `equals` compares text case-sensitively, and numbers
 numerically when the rule gives a number (DS/IS text like "5.0" counts as a number); a
@@ -15,9 +15,9 @@ matches, and `range` only when every value is a number within it; an empty value
 """
 
 from .conditions import AllOf, AnyOf, Not, TagCondition
-from .evaluate import Decision, evaluate, plan
+from .evaluate import Decision, Run, evaluate, plan
 from .facts import SeriesFacts
-from .rules import Rule, RuleError, RuleSet, check_rules, load_rules_file, parse_rules
+from .rules import QC_FAIL_POLICIES, Rule, RuleError, RuleSet, check_rules, load_rules_file, parse_rules
 from .selector import SeriesSelector
 from .toml_writer import rules_to_toml
 
@@ -26,9 +26,11 @@ __all__ = [
     "AnyOf",
     "Decision",
     "Not",
+    "QC_FAIL_POLICIES",
     "Rule",
     "RuleError",
     "RuleSet",
+    "Run",
     "SeriesFacts",
     "SeriesSelector",
     "TagCondition",

@@ -19,6 +19,7 @@ class Decision:
     models: list[str]
     destinations: list[str]
     quiet_period_s: float | None
+    qc_fail: str | None  # the rule's policy for results that fail their quality checks (None: node default)
     reasons: list[str]  # one line per series (why it met the conditions or not), then the selector's line
 
     def to_json(self) -> dict:
@@ -54,15 +55,28 @@ def _evaluate_rule(rule: Rule, series: list[SeriesFacts]) -> Decision:
         models=list(rule.models),
         destinations=list(rule.destinations),
         quiet_period_s=rule.quiet_period_s,
+        qc_fail=rule.qc_fail,
         reasons=reasons,
     )
 
 
-def plan(decisions: list[Decision]) -> list[tuple[str, str, list[str], str]]:
-    """(series_uid, model, destinations, rule_name) to run, once per (series, model).
+@dataclass(frozen=True)
+class Run:
+    """One model to run on one series: where its results go, and what happens to a result that
+    fails its quality checks, by the rule that asked for it."""
+
+    series_uid: str
+    model: str
+    destinations: list[str]
+    rule_name: str
+    qc_fail: str | None
+
+
+def plan(decisions: list[Decision]) -> list[Run]:
+    """The runs, once per (series, model).
 
     When several matched rules ask for the same model on the same series, the highest-priority
-    rule (ties by name) wins and only its destinations are used.
+    rule (ties by name) wins and only its destinations and qc_fail are used.
     """
     runs = []
     taken: set[tuple[str, str]] = set()
@@ -73,5 +87,6 @@ def plan(decisions: list[Decision]) -> list[tuple[str, str, list[str], str]]:
             for model in decision.models:
                 if (series_uid, model) not in taken:
                     taken.add((series_uid, model))
-                    runs.append((series_uid, model, list(decision.destinations), decision.rule_name))
+                    runs.append(Run(series_uid, model, list(decision.destinations), decision.rule_name,
+                                    decision.qc_fail))
     return runs

@@ -11,10 +11,14 @@ from .conditions import Condition, parse_condition
 from .facts import describe_value
 from .selector import ORIENTATIONS, PICKS, SeriesSelector
 
-RULE_KEYS = ("name", "priority", "enabled", "models", "destinations", "quiet_period_s", "when", "series")
+RULE_KEYS = ("name", "priority", "enabled", "models", "destinations", "quiet_period_s", "qc_fail", "when",
+             "series")
 REQUIRED_RULE_KEYS = ("name", "priority", "models", "destinations", "when")
 SELECTOR_KEYS = ("orientation", "min_slices", "pick")
 MAX_NAME_LENGTH = 128  # routing_decision.rule_name and job.rule_name are String(128)
+# what happens to a result that fails its model's quality checks ([qc] in model.toml):
+# kept on the node until an admin releases or rejects it | sent, marked as failed | not sent
+QC_FAIL_POLICIES = ("hold", "send_flagged", "drop")
 
 
 class RuleError(Exception):
@@ -34,6 +38,7 @@ class Rule:
     when: Condition
     enabled: bool = True
     quiet_period_s: float | None = None  # overrides the global completion quiet period for matched studies
+    qc_fail: str | None = None  # one of QC_FAIL_POLICIES; None: the node's [qc] on_fail
     series: SeriesSelector = field(default_factory=SeriesSelector)
 
 
@@ -167,6 +172,10 @@ def _parse_rule(raw: object, problems: list[tuple[str, str]]) -> Rule | None:
     if quiet_period_s is not None and not (_is_number(quiet_period_s) and 0 <= quiet_period_s < math.inf):
         problems.append(("quiet_period_s", f"expected seconds >= 0, got {describe_value(quiet_period_s)}"))
 
+    qc_fail = raw.get("qc_fail")
+    if qc_fail is not None and qc_fail not in QC_FAIL_POLICIES:
+        problems.append(("qc_fail", f"expected one of {' | '.join(QC_FAIL_POLICIES)}, got {describe_value(qc_fail)}"))
+
     when = parse_condition(raw["when"], "when", problems) if "when" in raw else None
     series = _parse_selector(raw.get("series", {}), problems)
 
@@ -180,6 +189,7 @@ def _parse_rule(raw: object, problems: list[tuple[str, str]]) -> Rule | None:
         when=when,
         enabled=enabled,
         quiet_period_s=float(quiet_period_s) if quiet_period_s is not None else None,
+        qc_fail=qc_fail,
         series=series,
     )
 

@@ -27,6 +27,8 @@ def rules_to_toml(rule_set: RuleSet) -> str:
         ]
         if rule.quiet_period_s is not None:
             lines.append(f"quiet_period_s = {_value(rule.quiet_period_s)}")
+        if rule.qc_fail is not None:
+            lines.append(f"qc_fail = {_value(rule.qc_fail)}")
         lines.append(f"when = {_condition(rule.when, 0)}")
         if not rule.series.is_default():
             lines += [

@@ -76,9 +76,9 @@ def dry_run(ctx: WebContext, session: Session, text: str, limit: int = 100) -> d
             "changed": sum(1 for s in studies if s["changed"])}
 
 
-def _runs(items) -> list[dict]:
-    return [{"series_instance_uid": series, "model": model, "destinations": destinations, "rule": rule}
-            for series, model, destinations, rule in items]
+def _runs(runs) -> list[dict]:
+    return [{"series_instance_uid": run.series_uid, "model": run.model, "destinations": run.destinations,
+             "rule": run.rule_name, "qc_fail": run.qc_fail} for run in runs]
 
 
 def save(ctx: WebContext, session: Session, text: str, author: str, comment: str | None) -> int:
