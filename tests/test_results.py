@@ -335,32 +335,86 @@ def _shoelace(points) -> float:
     return 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
 
 
-def test_sr_planar_roi_outlines_the_segment_on_its_key_slice(job):
-    """Per segment a TID 1410 group (what OHIF's SR viewport draws): a closed POLYLINE on the
-    source image of the key slice, on the boundary of the segment's largest region, and its area."""
+def _groups(sr) -> list:
+    """The measurement groups of a TID 1500 report, in document order (raw content items)."""
+    (container,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(container.ContentSequence)
+
+
+def _children(item, value_type=None, code=None) -> list:
+    return [i for i in item.get("ContentSequence", [])
+            if (value_type is None or i.ValueType == value_type)
+            and (code is None or i.ConceptNameCodeSequence[0].CodeValue == code)]
+
+
+def _text(group, code) -> str | None:
+    items = _children(group, "TEXT", code)
+    return items[0].TextValue if items else None
+
+
+def _tracking_uid(group) -> str:
+    return _children(group, "UIDREF", "112040")[0].UID
+
+
+def _assert_ohif_can_draw_and_track(sr):
+    """What OHIF 3.12 needs (docs/viewer-check.md): every tracking UID has a SCOORD on an image,
+    as the only child of its group's first NUM, and that SCOORD has one SELECTED FROM image;
+    no NUM has any other child; a group naming OHIF's freehand tool starts with the Area and
+    has a Comment label; the first group of a tracking UID carries its tracking identifier."""
+    first_of_uid, drawn = {}, set()
+    for group in _groups(sr):
+        uid = _tracking_uid(group)
+        first_of_uid.setdefault(uid, group)
+        numbers = _children(group, "NUM")
+        for number in numbers[1:]:
+            assert "ContentSequence" not in number
+        if numbers and "ContentSequence" in numbers[0]:
+            (scoord,) = numbers[0].ContentSequence
+            assert (scoord.ValueType, scoord.RelationshipType, scoord.GraphicType) == (
+                "SCOORD", "INFERRED FROM", "POLYLINE")
+            (image,) = scoord.ContentSequence
+            assert image.ValueType == "IMAGE" and len(image.ReferencedSOPSequence) == 1
+            points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+            np.testing.assert_array_equal(points[0], points[-1])  # closed
+            drawn.add(uid)
+        if _text(group, "112039") == "Cornerstone3DTools@^0.1.0:PlanarFreehandROI":
+            assert numbers[0].ConceptNameCodeSequence[0].CodeValue == "42798000"  # Area
+            assert uid in drawn and _text(group, "121106")
+    assert drawn == set(first_of_uid)
+    return first_of_uid
+
+
+def test_sr_outlines_each_segment_in_the_shape_ohif_tracks(job):
+    """Per segment a TID 1501 group first (what OHIF draws and hydrates as a PlanarFreehandROI):
+    the Area of the segment's largest region on its key slice, INFERRED FROM its closed outline on
+    that source image, labelled "Lungs"; then the volumetric group (TID 1411) with the same tracking UID."""
     seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
     sr = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg)
     path = job.save(sr, "sr.dcm")
     assert dciodvfy_errors(path) == []
+    first_of_uid = _assert_ohif_can_draw_and_track(pydicom.dcmread(path))
     sr = hd.sr.srread(path)
 
-    planar = sr.content.get_planar_roi_measurement_groups()
-    assert len(planar) == 2  # one per segment, next to the two volumetric groups
-    assert len(sr.content.get_volumetric_roi_measurement_groups()) == 2
-    lung = next(g for g in planar if g.tracking_identifier == "Lungs")
-    assert lung.tracking_uid == seg.SegmentSequence[0].TrackingUID  # same finding as SEG and volume group
+    lung_uid = seg.SegmentSequence[0].TrackingUID
+    assert _text(first_of_uid[lung_uid], "112039") == "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+    assert _text(first_of_uid[lung_uid], "121106") == "Lungs"
+    (outlined,) = sr.content.get_image_measurement_groups(tracking_uid=lung_uid)
+    (volumetric,) = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=lung_uid)
+    assert volumetric.tracking_identifier == "Lungs"
+    assert [m.name.meaning for m in volumetric.get_measurements()] == ["Volume", "Mean"]
+    assert outlined.finding_type.value == "39607008"
 
     mask = job.series.lung_mask
     key = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
-    region = lung.roi
-    assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-    source = region.ContentSequence[0].ReferencedSOPSequence[0]
+    (area,) = outlined.get_measurements()
+    assert (area.name.value, area.unit.value) == ("42798000", "mm2")
+    (scoord,) = area.referenced_coordinates
+    source = scoord.ContentSequence[0].ReferencedSOPSequence[0]
     assert source.ReferencedSOPInstanceUID == job.volume.source_frames[key].sop_instance_uid
     assert source.ReferencedSOPClassUID == job.headers[0].SOPClassUID
 
-    points = region.value  # (column, row) image coordinates, (0, 0) = top left corner of the image
+    points = scoord.value  # (column, row) image coordinates, (0, 0) = top left corner of the image
     assert 4 <= len(points) <= 201
-    np.testing.assert_array_equal(points[0], points[-1])  # closed
     slice_mask = np.pad(mask[key], 1)  # index + 1: a corner (x, y) touches pixels [y-1:y+1, x-1:x+1]
     for x, y in points:
         assert float(x).is_integer() and float(y).is_integer()  # pixel corners
@@ -370,10 +424,37 @@ def test_sr_planar_roi_outlines_the_segment_on_its_key_slice(job):
     from dicom_ai_node.results.sr import largest_region
     largest = largest_region(mask[key])
     pixel_area = job.volume.spacing[1] * job.volume.spacing[2]
-    (area,) = [m for m in lung.get_measurements() if m.name.value == "42798000"]
-    assert area.unit.value == "mm2"
     assert area.value == pytest.approx(largest.sum() * pixel_area, rel=1e-6)
     assert _shoelace(points) * pixel_area == pytest.approx(area.value, rel=0.05)
+
+
+def test_sr_anchors_an_empty_segment_and_an_image_level_finding_on_a_whole_slice(job):
+    """Nothing to outline (an empty segment, a finding without saliency): the group's first
+    measurement refers to the whole of a slice, so OHIF still draws it (it throws on a tracking
+    UID without coordinates); it keeps its readable tracking identifier (not hydratable)."""
+    job.output.segments[1].mask[:] = False
+    job.output.key_slices = [7]
+    seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
+    sr = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg)
+    path = job.save(sr, "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    first_of_uid = _assert_ohif_can_draw_and_track(pydicom.dcmread(path))
+
+    body = first_of_uid[seg.SegmentSequence[1].TrackingUID]
+    assert _text(body, "112039") == _text(body, "121106") == "Body"
+    (area,) = _children(body, "NUM")
+    assert float(area.MeasuredValueSequence[0].NumericValue) == 0.0
+    scoord = area.ContentSequence[0]
+    assert list(scoord.GraphicData) == [0, 0, 32, 0, 32, 24, 0, 24, 0, 0]  # the whole 32 x 24 image
+    assert (scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == job.volume.source_frames[7].sop_instance_uid)  # the model's key slice
+
+    finding = next(g for g in first_of_uid.values() if _children(g, "CODE", "87433001"))
+    assert _text(finding, "121106") == "Pulmonary emphysema: Present"
+    (probability,) = _children(finding, "NUM")
+    assert probability.ConceptNameCodeSequence[0].CodeMeaning == "Probability"
+    assert "ContentSequence" in probability
+    hd.sr.srread(path)
 
 
 def test_outline_of_a_large_region_is_simplified_but_stays_on_its_boundary():
@@ -392,8 +473,8 @@ def test_outline_of_a_large_region_is_simplified_but_stays_on_its_boundary():
 
 
 def test_sr_outlines_where_a_classifier_looked_and_where_measurements_were_taken(job):
-    """Findings with a saliency map and measurements with a measurement region become planar
-    ROI groups (drawable in OHIF) on the key slice, not image-level groups."""
+    """Findings with a saliency map and measurements with a measurement region are outlined on
+    the key slice (the Area of the outlined region first, so OHIF can track them)."""
     saliency = np.zeros(job.volume.shape, dtype=np.float32)
     saliency[4, 5:12, 6:15] = 1.0  # the model looked here
     saliency[4, 13:16, 20:22] = 0.3  # below half the maximum: not outlined
@@ -405,14 +486,50 @@ def test_sr_outlines_where_a_classifier_looked_and_where_measurements_were_taken
     sr = build_measurement_report(job.headers, job.volume, output, lung_manifest("classification"), "cls", 301)
     path = job.save(sr, "sr.dcm")
     assert dciodvfy_errors(path) == []
-    planar = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
-    assert len(planar) == 2
-    finding = next(g for g in planar if g.tracking_identifier == "emphysema")
-    measured = next(g for g in planar if g.tracking_identifier != "emphysema")
+    groups = list(_assert_ohif_can_draw_and_track(pydicom.dcmread(path)).values())
+    assert [_text(g, "121106") for g in groups] == ["Pulmonary emphysema: Present", "Measurement region"]
+    assert {_text(g, "112039") for g in groups} == {"Cornerstone3DTools@^0.1.0:PlanarFreehandROI"}
+
+    sr = hd.sr.srread(path)
+    finding, measured = (sr.content.get_image_measurement_groups(tracking_uid=_tracking_uid(g))[0] for g in groups)
+    pixel_area = job.volume.spacing[1] * job.volume.spacing[2]
     for group, index, box in ((finding, 4, (6, 5, 15, 12)), (measured, 6, (10, 10, 20, 14))):
-        source = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        area, *_ = group.get_measurements()
+        (scoord,) = area.referenced_coordinates
+        source = scoord.ContentSequence[0].ReferencedSOPSequence[0]
         assert source.ReferencedSOPInstanceUID == job.volume.source_frames[index].sop_instance_uid
-        points = group.roi.value
+        points = scoord.value
         assert (points.min(axis=0).tolist(), points.max(axis=0).tolist()) == ([box[0], box[1]], [box[2], box[3]])
+        assert area.value == pytest.approx((box[2] - box[0]) * (box[3] - box[1]) * pixel_area)
     assert "52101004" in [e.value.value for e in finding.get_qualitative_evaluations()]
-    assert [m.value for m in measured.get_measurements()] == [-5.0]
+    assert [m.value for m in finding.get_measurements()][1:] == [90.0]
+    assert [m.value for m in measured.get_measurements()][1:] == [-5.0]
+
+
+QC_FAILURES = ["Lungs: volume 8.2 mL is below the plausible minimum 100 mL",
+               "mean_attenuation on lung -420 HU is above the plausible maximum -500 HU"]
+
+
+def test_sr_of_a_flagged_result_says_which_quality_checks_failed(job):
+    """Sent flagged: TID 1500 "Qualitative Evaluations" holds one "QC FAILED: <reason>" per failed
+    check, the series description starts with QC FAILED and every label a viewer shows says so."""
+    seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
+    sr = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg,
+                                  qc_failures=QC_FAILURES)
+    path = job.save(sr, "sr.dcm")
+    assert dciodvfy_errors(path) == []
+    dataset = pydicom.dcmread(path)
+    groups = _assert_ohif_can_draw_and_track(dataset).values()
+    assert [_text(g, "121106") for g in groups] == [
+        "Lungs (QC FAILED)", "Body (QC FAILED)", "Pulmonary emphysema: Present (QC FAILED)",
+        "Image measurements (QC FAILED)"]
+    assert dataset.SeriesDescription.startswith("QC FAILED AI: Lung CT segmentation")
+    (evaluations,) = [i for i in dataset.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert [(i.ValueType, i.ConceptNameCodeSequence[0].CodeMeaning, i.TextValue)
+            for i in evaluations.ContentSequence] == [("TEXT", "Quality Finding", f"QC FAILED: {r}") for r in QC_FAILURES]
+    assert (dataset.CompletionFlag, dataset.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    assert len(hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()) == 2
+
+    unflagged = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg)
+    assert "QC FAILED" not in str(unflagged.ContentSequence) and "QC" not in unflagged.SeriesDescription
+    assert not [i for i in unflagged.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]

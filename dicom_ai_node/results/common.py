@@ -28,9 +28,11 @@ def new_uid(uid_seed: str, *parts: object) -> str:
     return generate_uid(entropy_srcs=[uid_seed, *(str(part) for part in parts)])
 
 
-def series_description(manifest: Manifest, kind: str) -> str:
-    """e.g. "AI: Lung CT segmentation 1.0.0 SEG", cut to the 64 characters of LO."""
-    return f"AI: {manifest.algorithm_name} {manifest.algorithm_version} {kind}"[:64]
+def series_description(manifest: Manifest, kind: str, qc_failed: bool = False) -> str:
+    """e.g. "AI: Lung CT segmentation 1.0.0 SEG", cut to the 64 characters of LO; a result that
+    failed its quality checks starts with "QC FAILED" (viewers show only the start)."""
+    text = f"AI: {manifest.algorithm_name} {manifest.algorithm_version} {kind}"
+    return (f"QC FAILED {text}" if qc_failed else text)[:64]
 
 
 def algorithm_identification(manifest: Manifest) -> hd.AlgorithmIdentificationSequence:

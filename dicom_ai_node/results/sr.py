@@ -1,26 +1,32 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) for a model's measurements and findings.
 
-Layout (one group = one TID 1410/1411/1501 "Measurement Group"):
-- one volumetric ROI group (TID 1411) per SEG segment: references the segment, holds the
-  measurements the model took on it;
-- one planar ROI group (TID 1410) per non-empty segment, on its key slice: the outline of the
-  segment's largest region there as a closed POLYLINE on the source image, and its area (mm2).
-  It has the same tracking UID as the volumetric group (same finding). Viewers that draw SR
-  graphics (OHIF's SR viewport draws only groups with an image SCOORD, and merges groups by
-  tracking UID) show the outline with all the segment's measurements;
-- one group per qualitative finding: the coded value plus its probability (%); a planar ROI
-  group outlining where the model looked (saliency >= half its maximum, on the key slice)
-  when the model gives a saliency map, else an image-level group;
-- one group for measurements not tied to a segment (or when there is no SEG): a planar ROI
-  group outlining ``ModelOutput.measurement_region`` when the model says where it measured,
-  else an image-level group.
-Image-level groups reference the source images; OHIF draws only the planar ones. The report is UNVERIFIED and goes into the
-source study.
+Every finding (one tracking UID) has one group drawn on a source image: a TID 1501 group whose
+first measurement is "INFERRED FROM" a closed POLYLINE outline on one source image.
+- per SEG segment: the outlined group (the Area of the segment's largest region on its key
+  slice), then the volumetric group (TID 1411: references the segment, holds the model's
+  measurements on it) with the same tracking UID;
+- per finding: its coded value and probability, outlining where the model looked (saliency
+  >= half its maximum, on the key slice);
+- the measurements not tied to a segment, outlining ``ModelOutput.measurement_region``.
+When there is nothing to outline (empty segment, no saliency, no region) the first measurement
+refers to the whole of a representative slice instead.
+Failed quality checks of a result sent flagged are TID 1500 "Qualitative Evaluations".
+
+Why this shape: OHIF (3.12) draws a finding only if it has an image SCOORD, and throws (a blank
+SR viewport) for a tracking UID without one; it merges groups that share a tracking UID and
+takes the tracking identifier of the first. It turns a group into a tracked, editable
+measurement ("hydrates" it) only if the tracking identifier names a Cornerstone tool and the
+group's first NUM has the SCOORD as its only child, with one SELECTED FROM image under it; the
+first Comment becomes the measurement's label. So an outlined group names the PlanarFreehandROI
+tool, comes first, starts with the Area, carries the human-readable label as a Comment, and no
+NUM has other children (OHIF drops a NUM with children it cannot draw). docs/viewer-check.md
+has the details. The report is UNVERIFIED and goes into the source study.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -36,12 +42,24 @@ from model_zoo.manifest import Manifest
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 SQUARE_MM = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 MAX_OUTLINE_POINTS = 200  # OHIF draws every point; a few hundred keep the SR small and fast
+# OHIF hydrates a group whose tracking identifier names a Cornerstone tool (an outline with its area)
+OHIF_FREEHAND_ROI = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
+QC_FAILED = "QC FAILED"
 PROCEDURE_BY_MODALITY = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": codes.LN.MRIUnspecifiedBodyRegion,
     "PT": codes.LN.PETUnspecifiedBodyRegion,
     "NM": codes.LN.NMUnspecifiedBodyRegion,
 }
+
+
+@dataclass
+class Anchor:
+    """Where a group is drawn: an outline on one source image."""
+    coordinates: hd.sr.CoordinatesForMeasurement
+    area_mm2: float  # of the outlined region; 0 for a whole-slice anchor of an empty mask
+    traced: bool  # the outline of a region (else the whole slice)
 
 
 def build_measurement_report(
@@ -58,32 +76,33 @@ def build_measurement_report(
 
     ``sources`` may be headers without pixel data. Segment numbers in ``segmentation`` are
     those :func:`~dicom_ai_node.results.seg.build_segmentation` gave (order of output.segments).
+    ``qc_failures``: the quality checks a result sent flagged failed, one sentence each.
     """
     source_images = common.sources_in_volume_order(sources, volume)
     algorithm = common.algorithm_sr(manifest)
+    qc_mark = f" ({QC_FAILED})" if qc_failures else ""  # on every label a viewer shows
     groups: list = []
     image_level_measurements = [m for m in output.measurements if m.segment is None or segmentation is None]
+
+    def image_references() -> list:  # only for image-level groups: 400 items cost ~0.2 s
+        return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_images]
 
     if segmentation is not None:
         for number, segment in enumerate(output.segments, start=1):
             spec = manifest.segment(segment.name)
+            uid = tracking_uid(uid_seed, segment.name)
+            anchor = _anchor(segment.mask, volume, output.key_slices)
+            groups.append(_outlined_group(
+                uid, spec.label + qc_mark, anchor, [_area(anchor)], algorithm,
+                finding_type=spec.type.to_highdicom(), finding_category=spec.category.to_highdicom()))
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=tracking_uid(uid_seed, segment.name), identifier=spec.label[:64]),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=spec.label[:64]),
                 referenced_segment=_referenced_segment(segmentation, number, source_images),
                 finding_type=spec.type.to_highdicom(),
                 finding_category=spec.category.to_highdicom(),
                 algorithm_id=algorithm,
-                measurements=[_measurement(m, manifest, algorithm)
-                              for m in output.measurements if m.segment == segment.name],
+                measurements=[_measurement(m, manifest) for m in output.measurements if m.segment == segment.name],
             ))
-            planar = _planar_roi_group(segment, spec, volume, output, uid_seed, algorithm)
-            if planar is not None:
-                groups.append(planar)
-
-
-    def image_references() -> list:  # only for groups without a region: 400 items cost ~0.2 s
-        return [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_images]
 
     for finding in output.findings:
         spec = manifest.finding(finding.name)
@@ -91,50 +110,36 @@ def build_measurement_report(
             raise ValueError(f"finding {finding.name!r}: value {finding.value!r} is not declared in the manifest")
         if not 0.0 <= finding.probability <= 1.0:
             raise ValueError(f"finding {finding.name!r}: probability {finding.probability} is not in 0..1")
-        probability = hd.sr.Measurement(
-            name=codes.DCM.Probability, value=round(100.0 * finding.probability, 3), unit=PERCENT,
-            algorithm_id=algorithm)
-        common_items = dict(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=common.new_uid(uid_seed, "tracking", "finding", finding.name), identifier=finding.name[:64]),
-            finding_type=spec.concept.to_highdicom(),
-            algorithm_id=algorithm,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                spec.concept.to_highdicom(), spec.values[finding.value].to_highdicom())],
-            measurements=[probability],
-        )
-        # Where the model looked (saliency above half its maximum), outlined on the key slice:
-        # viewers such as OHIF draw only groups that carry an image region.
+        value = spec.values[finding.value].to_highdicom()
+        # where the model looked: saliency above half its maximum
         salient = None if output.saliency is None else output.saliency >= 0.5 * float(output.saliency.max() or 1)
-        region = _image_region(salient, volume, output.key_slices) if salient is not None else None
-        if region is not None:
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                referenced_region=region[0], **common_items))
-        else:
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(source_images=image_references(),
-                                                                      **common_items))
+        anchor = _anchor(salient, volume, output.key_slices)
+        probability = hd.sr.Measurement(name=codes.DCM.Probability, value=round(100.0 * finding.probability, 3),
+                                        unit=PERCENT)
+        groups.append(_outlined_group(
+            common.new_uid(uid_seed, "tracking", "finding", finding.name),
+            f"{spec.concept.meaning}: {value.meaning}{qc_mark}", anchor,
+            [*([_area(anchor)] if anchor.traced else []), probability], algorithm,
+            finding_type=spec.concept.to_highdicom(),
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(spec.concept.to_highdicom(), value)],
+            source_images=None if anchor.traced else image_references()))
 
     if image_level_measurements:
-        tracking = hd.sr.TrackingIdentifier(uid=common.new_uid(uid_seed, "tracking", "image-measurements"),
-                                            identifier=f"{manifest.algorithm_name} measurements"[:64])
-        measurements = [_measurement(m, manifest, algorithm) for m in image_level_measurements]
-        region = None
-        if output.measurement_region is not None:
-            region = _image_region(output.measurement_region, volume, output.key_slices)
-        if region is not None:
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking, referenced_region=region[0], algorithm_id=algorithm,
-                measurements=measurements))
-        else:
-            groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking, algorithm_id=algorithm, measurements=measurements,
-                source_images=image_references()))
+        anchor = _anchor(output.measurement_region, volume, output.key_slices)
+        label = "Measurement region" if anchor.traced else "Image measurements"
+        groups.append(_outlined_group(
+            common.new_uid(uid_seed, "tracking", "image-measurements"), label + qc_mark, anchor,
+            [*([_area(anchor)] if anchor.traced else []),
+             *(_measurement(m, manifest) for m in image_level_measurements)], algorithm,
+            source_images=None if anchor.traced else image_references()))
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(manifest),
         procedure_reported=PROCEDURE_BY_MODALITY.get(volume.modality, codes.SCT.ImagingProcedure),
         imaging_measurements=groups,
     )
+    if qc_failures:
+        report[0].ContentSequence.append(_qc_evaluations(qc_failures))
     evidence = [*source_images, *([segmentation] if segmentation is not None else [])]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -144,9 +149,10 @@ def build_measurement_report(
         sop_instance_uid=common.new_uid(uid_seed, "sr", "instance"),
         instance_number=1,
         manufacturer=common.NODE_MANUFACTURER,
+        # complete: every measurement is there, flagged or not; unverified: nobody signed it
         is_complete=True,
         is_verified=False,
-        series_description=common.series_description(manifest, "SR"),
+        series_description=common.series_description(manifest, "SR", qc_failed=bool(qc_failures)),
         manufacturer_model_name=manifest.algorithm_name[:64],
         software_versions=common.node_software_versions(manifest),
     )
@@ -168,40 +174,59 @@ def _referenced_segment(segmentation: Dataset, number: int, source_images: list[
     )
 
 
-def _planar_roi_group(segment, spec, volume: Volume, output: ModelOutput, uid_seed: str, algorithm):
-    """TID 1410 group: outline and area of the segment's largest region on its key slice."""
-    region = _image_region(segment.mask, volume, output.key_slices)
-    if region is None:
-        return None
-    image_region, area_mm2 = region
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(uid_seed, segment.name), identifier=spec.label[:64]),
-        referenced_region=image_region,
-        finding_type=spec.type.to_highdicom(),
-        finding_category=spec.category.to_highdicom(),
-        algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=codes.SCT.Area, value=round(area_mm2, 3), unit=SQUARE_MM,
-                                        algorithm_id=algorithm)],
-    )
+def _outlined_group(uid: str, label: str, anchor: Anchor, measurements: list[hd.sr.Measurement],
+                    algorithm, **items) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group drawn on ``anchor``: its first measurement is INFERRED FROM the outline.
+
+    A traced outline (first measurement: its Area) names OHIF's PlanarFreehandROI tool, so OHIF
+    can track it; a whole-slice anchor keeps ``label`` as the tracking identifier (display only).
+    """
+    first, *others = measurements
+    first = hd.sr.Measurement(name=first.name, value=first.value, unit=first.unit,
+                              referenced_coordinates=[anchor.coordinates])
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=OHIF_FREEHAND_ROI if anchor.traced else label),
+        algorithm_id=algorithm, measurements=[first, *others], **items)
+    group[0].ContentSequence.append(hd.sr.TextContentItem(  # OHIF's label for the measurement
+        name=codes.DCM.Comment, value=label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
 
 
-def _image_region(mask: np.ndarray, volume: Volume, key_slices: Sequence[int]):
-    """(ImageRegion, area in mm2) outlining the largest region of ``mask`` on its key slice,
-    as a closed POLYLINE on that slice's source image; None when the mask is empty."""
-    index = segment_key_slice(mask, key_slices)
-    if index is None:
-        return None
-    region = largest_region(np.asarray(mask[index], dtype=bool))
+def _area(anchor: Anchor) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=codes.SCT.Area, value=round(anchor.area_mm2, 3), unit=SQUARE_MM)
+
+
+def _anchor(mask: np.ndarray | None, volume: Volume, key_slices: Sequence[int]) -> Anchor:
+    """The outline of the largest region of ``mask`` on its key slice (see segment_key_slice),
+    or, for an empty or missing mask, the whole of the model's first key slice (else the middle one)."""
+    index = None if mask is None else segment_key_slice(mask, key_slices)
+    if index is not None:
+        region = largest_region(np.asarray(mask[index], dtype=bool))
+        points, area = region_outline(region), float(region.sum()) * volume.spacing[1] * volume.spacing[2]
+    else:
+        index = next((i for i in key_slices if 0 <= i < volume.shape[0]), volume.shape[0] // 2)
+        rows, columns = volume.shape[1:]
+        points, area = np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=float), 0.0
     frame = volume.source_frames[index]
     source = hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=frame.sop_class_uid,
         referenced_sop_instance_uid=frame.sop_instance_uid,
         referenced_frame_numbers=[frame.frame_number] if frame.frame_number is not None else None,
     )
-    image_region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                                     graphic_data=region_outline(region), source_image=source)
-    return image_region, float(region.sum()) * volume.spacing[1] * volume.spacing[2]
+    coordinates = hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                                                  graphic_data=points, source_image=source)
+    return Anchor(coordinates, area, traced=mask is not None and area > 0)
+
+
+def _qc_evaluations(qc_failures: Sequence[str]) -> hd.sr.ContainerContentItem:
+    """TID 1500 rows 12 and 14 (not in highdicom 0.28): one "Quality Finding" TEXT per failed check."""
+    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.TextContentItem(name=codes.DCM.QualityFinding, value=f"{QC_FAILED}: {reason}",
+                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        for reason in qc_failures])
+    return container
 
 
 def segment_key_slice(mask: np.ndarray, key_slices: Sequence[int] = ()) -> int | None:
@@ -354,14 +379,12 @@ def _douglas_peucker(line: np.ndarray, tolerance: float) -> np.ndarray:
     return line[keep]
 
 
-def _measurement(measurement: Measurement, manifest: Manifest, algorithm) -> hd.sr.Measurement:
+def _measurement(measurement: Measurement, manifest: Manifest) -> hd.sr.Measurement:
+    # No per-NUM algorithm identification: the group names the algorithm, and OHIF drops a
+    # NUM whose children are not a SCOORD.
     spec = manifest.measurement(measurement.name)
-    return hd.sr.Measurement(
-        name=spec.concept.to_highdicom(),
-        value=float(measurement.value),
-        unit=spec.unit.to_highdicom(),
-        algorithm_id=algorithm,
-    )
+    return hd.sr.Measurement(name=spec.concept.to_highdicom(), value=float(measurement.value),
+                             unit=spec.unit.to_highdicom())
 
 
 def _observation_context(manifest: Manifest) -> hd.sr.ObservationContext:
