@@ -11,7 +11,8 @@ import pytest
 
 from dicom_ai_node.imaging.load import load_series, read_header
 from dicom_ai_node.results.derived import build_derived_series
-from dicom_ai_node.results.key_images import build_key_images, orientation_letters, pick_key_slices
+from dicom_ai_node.results.key_images import (QC_RED, build_key_images, orientation_letters, pick_key_slices,
+                                                qc_banner_lines)
 from dicom_ai_node.results.seg import build_segmentation
 from dicom_ai_node.results.sr import build_measurement_report
 from model_zoo.base import Finding, Measurement, ModelOutput, SegmentMask
@@ -533,3 +534,62 @@ def test_sr_of_a_flagged_result_says_which_quality_checks_failed(job):
     unflagged = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg)
     assert "QC FAILED" not in str(unflagged.ContentSequence) and "QC" not in unflagged.SeriesDescription
     assert not [i for i in unflagged.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+
+
+def test_key_images_of_a_flagged_result_carry_a_red_qc_failed_line_under_the_disclaimer(job):
+    flagged = build_key_images(job.headers, job.volume, job.output, job.manifest, "job-1", 302,
+                               max_images=1, qc_failures=QC_FAILURES)[0]
+    plain = build_key_images(job.headers, job.volume, job.output, job.manifest, "job-1", 302, max_images=1)[0]
+    assert dciodvfy_errors(job.save(flagged, "flagged.dcm")) == []
+    assert flagged.SOPInstanceUID == plain.SOPInstanceUID  # the same image, flagged
+    assert flagged.SeriesDescription.startswith("QC FAILED AI: Lung CT segmentation")
+    assert flagged.ImageComments == ("AI RESULT - NOT FOR PRIMARY DIAGNOSIS; QC FAILED: " + QC_FAILURES[0]
+                                     + "; QC FAILED: " + QC_FAILURES[1])
+    assert plain.ImageComments == "AI RESULT - NOT FOR PRIMARY DIAGNOSIS" and "QC" not in plain.SeriesDescription
+
+    red_rows = np.flatnonzero((flagged.pixel_array == QC_RED).all(axis=2).any(axis=1))
+    yellow_rows = np.flatnonzero((flagged.pixel_array == (255, 255, 0)).all(axis=2).any(axis=1))
+    assert len(red_rows) > 0 and red_rows.min() > yellow_rows.max()  # right under the disclaimer
+    assert not (plain.pixel_array == QC_RED).all(axis=2).any()
+    changed = np.flatnonzero((flagged.pixel_array != plain.pixel_array).any(axis=(1, 2)))
+    assert changed.max() < flagged.Rows // 3  # only the (taller) banner differs; the image is the same
+
+
+def test_qc_banner_lines_wrap_cut_and_summarise():
+    def fits(text):
+        return len(text) <= 30
+
+    assert qc_banner_lines([], fits) == []
+    assert qc_banner_lines(["volume too small"], fits) == ["QC FAILED: volume too small"]
+    assert qc_banner_lines(["lung volume 8.2 mL is below the minimum"], fits) == [
+        "QC FAILED: lung volume 8.2 mL", "is below the minimum"]
+    long = qc_banner_lines(["word " * 40], fits)  # at most two lines per failure
+    assert len(long) == 2 and long[1].endswith("...") and fits(long[1])
+    many = qc_banner_lines([f"check {n} failed" for n in range(6)], fits)
+    assert many == ["QC FAILED: check 0 failed", "QC FAILED: check 1 failed", "QC FAILED: check 2 failed",
+                    "+3 more failed quality checks (see the SR)"]
+
+
+def test_key_image_is_where_the_segment_is_largest_not_its_first_slice(job):
+    """Without the model's key slices the key image is the slice with the largest segment area
+    (for lungs: mid-lung), not the first slice that has any mask; a model key slice without any
+    segment on it is not shown."""
+    mask = np.zeros(job.volume.shape, dtype=bool)
+    mask[2, 10:12, 10:12] = True  # the first slice with mask: a sliver
+    mask[3:9, 5:20, 5:25] = True
+    mask[6, 3:22, 3:28] = True  # largest here
+    output = ModelOutput(segments=[SegmentMask("lung", mask)])
+    assert pick_key_slices(job.volume, output, 1) == [6]
+    output.key_slices = [0, 1]  # no mask on either
+    assert pick_key_slices(job.volume, output, 1) == [6]
+    output.key_slices = [4]
+    assert pick_key_slices(job.volume, output, 1) == [4]
+    (image,) = build_key_images(job.headers, job.volume, ModelOutput(segments=[SegmentMask("lung", mask)]),
+                                job.manifest, "job-1", 302, max_images=1)
+    assert image.SourceImageSequence[0].ReferencedSOPInstanceUID == job.volume.source_frames[6].sop_instance_uid
+    output.key_slices = []  # the SR outlines the segment on the same slice
+    sr = build_measurement_report(job.headers, job.volume, output, job.manifest, "job-1", 301,
+                                  build_segmentation(job.headers, job.volume, output, job.manifest, "job-1", 300))
+    (area,) = _children(_groups(sr)[0], "NUM")
+    source = area.ContentSequence[0].ContentSequence[0].ReferencedSOPSequence[0]
+    assert source.ReferencedSOPInstanceUID == job.volume.source_frames[6].sop_instance_uid

@@ -2,6 +2,8 @@
 
 The banner "AI RESULT - NOT FOR PRIMARY DIAGNOSIS" and the model's name/version are drawn into
 the pixels (BurnedInAnnotation YES), so they travel with the image to any viewer or printout.
+A result sent although it failed its quality checks says so right under the disclaimer, in
+white on red: "QC FAILED: <reason>".
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from model_zoo.manifest import Manifest
 
 MIN_WIDTH = 512  # small matrices are enlarged so the banner stays legible
 FILL_OPACITY = 0.35
+YELLOW, WHITE, QC_RED = (255, 255, 0), (255, 255, 255), (200, 0, 0)
+MAX_QC_LINES = 4  # of the banner; each failure takes at most two, the rest is "+N more"
 LUNG_WINDOW = (-600.0, 1500.0)
 SOFT_TISSUE_WINDOW = (40.0, 400.0)
 
@@ -36,8 +40,8 @@ def build_key_images(
 ) -> list[Dataset]:
     """Up to ``max_images`` RGB Secondary Capture images, in slice order.
 
-    Slices: ``output.key_slices`` when given, else those with the largest mask area, else the
-    largest saliency. Nothing to show (no masks, no saliency, no key slices) gives [].
+    Slices: see :func:`pick_key_slices`. Nothing to show (no masks, no saliency, no key
+    slices) gives []. ``qc_failures``: the quality checks a result sent flagged failed.
     """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     series_uid = common.new_uid(uid_seed, "key-images", "series")
@@ -45,7 +49,7 @@ def build_key_images(
     for instance_number, index in enumerate(pick_key_slices(volume, output, max_images), start=1):
         frame = volume.source_frames[index]
         source = by_uid[frame.sop_instance_uid]
-        pixels, zoom = render_slice(volume, output, manifest, index)
+        pixels, zoom = render_slice(volume, output, manifest, index, qc_failures)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=pixels,
@@ -59,7 +63,7 @@ def build_key_images(
             manufacturer=common.NODE_MANUFACTURER,
             pixel_spacing=(volume.spacing[1] / zoom, volume.spacing[2] / zoom),
             patient_orientation=(_dominant_letter(volume.row_direction), _dominant_letter(volume.column_direction)),
-            series_description=common.series_description(manifest, "key images"),
+            series_description=common.series_description(manifest, "key images", qc_failed=bool(qc_failures)),
             manufacturer_model_name=manifest.algorithm_name[:64],
             software_versions=common.node_software_versions(manifest),
         )
@@ -68,7 +72,7 @@ def build_key_images(
                                     orientation_letters(volume.column_direction)]
         image.BurnedInAnnotation = "YES"
         image.ConversionType = "WSD"  # workstation
-        image.ImageComments = common.DISCLAIMER
+        image.ImageComments = "; ".join([common.DISCLAIMER, *(f"QC FAILED: {r}" for r in qc_failures)])[:10240]
         image.DerivationDescription = f"Slice {index + 1} of {volume.shape[0]} with {manifest.algorithm_name} result"[:1024]
         image.SourceImageSequence = [_source_reference(frame)]
         common.copy_clinical_context(image, source)
@@ -78,9 +82,13 @@ def build_key_images(
 
 
 def pick_key_slices(volume: Volume, output: ModelOutput, max_images: int) -> list[int]:
-    """Slice indices to show, in ascending order."""
+    """Slice indices to show, in ascending order: the model's ``key_slices`` (those that show a
+    segment, for a segmentation), else the slices where the segments are largest (the lungs:
+    around the hilum, not their first slice), else where the saliency is largest."""
     count = volume.shape[0]
-    chosen = [i for i in dict.fromkeys(output.key_slices) if 0 <= i < count][:max_images]
+    chosen = [i for i in dict.fromkeys(output.key_slices) if 0 <= i < count
+              and (not output.segments or any(segment.mask[i].any() for segment in output.segments))]
+    chosen = chosen[:max_images]
     if not chosen:
         if output.segments:
             score = sum(segment.mask.reshape(count, -1).sum(axis=1) for segment in output.segments)
@@ -93,7 +101,8 @@ def pick_key_slices(volume: Volume, output: ModelOutput, max_images: int) -> lis
     return sorted(chosen)
 
 
-def render_slice(volume: Volume, output: ModelOutput, manifest: Manifest, index: int) -> tuple[np.ndarray, int]:
+def render_slice(volume: Volume, output: ModelOutput, manifest: Manifest, index: int,
+                 qc_failures: Sequence[str] = ()) -> tuple[np.ndarray, int]:
     """RGB uint8 picture of slice ``index`` and the integer zoom applied to it."""
     zoom = max(1, -(-MIN_WIDTH // volume.shape[2]))  # ceil
     gray = _windowed(volume, manifest, index)
@@ -109,9 +118,8 @@ def render_slice(volume: Volume, output: ModelOutput, manifest: Manifest, index:
     for mask, colour in overlays:
         rgb[_outline(mask)] = colour
     picture = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
-    _draw_banner(picture, [common.DISCLAIMER,
-                           f"{manifest.algorithm_name} {manifest.algorithm_version}",
-                           f"slice {index + 1}/{volume.shape[0]}"])
+    _draw_banner(picture, qc_failures, [f"{manifest.algorithm_name} {manifest.algorithm_version}",
+                                        f"slice {index + 1}/{volume.shape[0]}"])
     return np.asarray(picture), zoom
 
 
@@ -158,18 +166,59 @@ def _heat_colours(heat: np.ndarray) -> np.ndarray:
     return np.stack([red, green, blue], axis=-1) * 255.0
 
 
-def _draw_banner(picture: Image.Image, lines: list[str]) -> None:
+def _draw_banner(picture: Image.Image, qc_failures: Sequence[str], details: list[str]) -> None:
+    """Black banner at the top: the yellow disclaimer, the failed quality checks in white on
+    red, then ``details`` in white."""
     size = max(10, picture.width // 36)
     try:
         font = ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: fixed bitmap font
         font = ImageFont.load_default()
+    qc = qc_banner_lines(qc_failures, lambda text: font.getlength(text) <= picture.width - 12)
+    rows = [(common.DISCLAIMER, YELLOW, None), *((line, WHITE, QC_RED) for line in qc),
+            *((line, WHITE, None) for line in details)]
     draw = ImageDraw.Draw(picture)
     line_height = int(size * 1.3)
-    draw.rectangle([0, 0, picture.width, line_height * len(lines) + 6], fill=(0, 0, 0))
-    for number, line in enumerate(lines):
-        colour = (255, 255, 0) if number == 0 else (255, 255, 255)
-        draw.text((6, 3 + number * line_height), line, fill=colour, font=font)
+    draw.rectangle([0, 0, picture.width, line_height * len(rows) + 6], fill=(0, 0, 0))
+    for number, (line, colour, background) in enumerate(rows):
+        top = 3 + number * line_height
+        if background:
+            draw.rectangle([0, top, picture.width, top + line_height - 1], fill=background)
+        draw.text((6, top), line, fill=colour, font=font)
+
+
+def qc_banner_lines(qc_failures: Sequence[str], fits, max_lines: int = MAX_QC_LINES) -> list[str]:
+    """"QC FAILED: <reason>" per failure, word-wrapped to lines for which ``fits(line)`` is true,
+    at most two lines each (cut short with "..."); failures that do not fit in ``max_lines``
+    become one "+N more" line."""
+    lines: list[str] = []
+    for shown, reason in enumerate(qc_failures):
+        wrapped = _wrapped(f"QC FAILED: {reason}", fits)
+        if len(wrapped) > 2:
+            wrapped = [wrapped[0], _shortened(" ".join(wrapped[1:]), fits)]
+        more = len(qc_failures) - shown
+        if len(lines) + len(wrapped) + (more > 1) > max_lines:
+            lines.append(f"+{more} more failed quality checks (see the SR)")
+            break
+        lines += wrapped
+    return lines
+
+
+def _wrapped(text: str, fits) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and not fits(candidate):
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
+def _shortened(text: str, fits) -> str:
+    while not fits(text) and len(text) > 3:
+        text = text[:-4].rstrip() + "..."
+    return text
 
 
 def orientation_letters(direction: np.ndarray) -> str:
