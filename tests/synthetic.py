@@ -56,6 +56,7 @@ def make_ct_series(
     body_part: str = "CHEST",
     study_instance_uid: str | None = None,
     noise_hu: float = 10.0,
+    pixels: np.ndarray | None = None,
 ) -> SyntheticSeries:
     """Write a CT series to ``folder`` and return its files and ground truth.
 
@@ -63,13 +64,19 @@ def make_ct_series(
     ``orientation`` is ImageOrientationPatient; slices advance along row x column.
     ``reverse`` writes the files (and InstanceNumbers) from the top slice down, the order
     many scanners use. UIDs derive from ``seed``, so the same arguments give the same files.
+    ``pixels``: HU (slices, rows, columns) to write instead of the phantom (e.g. a real scan
+    from ../shared/data); ``shape`` is then taken from it and ``lung_mask`` is all False.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     row_direction = np.array(orientation[:3], dtype=float)
     column_direction = np.array(orientation[3:], dtype=float)
     normal = np.cross(row_direction, column_direction)
-    hu, lung_mask = _phantom(shape, seed, noise_hu)
+    if pixels is None:
+        hu, lung_mask = _phantom(shape, seed, noise_hu)
+    else:
+        hu = np.clip(np.round(pixels), RESCALE_INTERCEPT, RESCALE_INTERCEPT + 4095).astype(np.float32)
+        shape, lung_mask = hu.shape, np.zeros(hu.shape, bool)
 
     def uid(*parts) -> str:
         return generate_uid(entropy_srcs=[seed, *map(str, parts)])
