@@ -1,4 +1,5 @@
-"""dicom-ai-node command line: serve, and look inside (studies, rules, models, resend, users)."""
+"""dicom-ai-node command line: serve, and look inside (studies, rules, models, resend, held
+results, users)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--study", help="every result of this study")
     target.add_argument("--failed", action="store_true", help="every failed delivery")
 
+    jobs = commands.add_parser("jobs", help="results held by the quality gate").add_subparsers(
+        dest="action", required=True)
+    jobs.add_parser("held", help="jobs whose results failed their quality checks and wait for review")
+    for action, what in (("release", "send the held results after all"), ("reject", "never send the held results")):
+        review = jobs.add_parser(action, help=what + " (audited)")
+        review.add_argument("job", type=int)
+        review.add_argument("--comment", default=None, help="why (kept in the audit log)")
+
     users = commands.add_parser("users", help="users of the admin page and API").add_subparsers(
         dest="action", required=True)
     users.add_parser("list", help="users and their roles")
@@ -64,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "upgrade", help="apply migrations")
 
     args = parser.parse_args(argv)
-    handler = {"serve": _serve, "rules": _rules, "studies": _studies, "resend": _resend,
+    handler = {"serve": _serve, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
                "users": _users, "models": _models, "db": _db}[args.command]
     return handler(args)
 
@@ -169,6 +178,33 @@ def _resend(args) -> int:
                                   failed=args.failed)
     print(f"{count} deliveries queued again; the running node sends them within a second")
     return 0 if count else 1
+
+
+def _jobs(args) -> int:
+    from dicom_ai_node.jobs import review
+
+    database = _database(args)
+    if args.action == "held":
+        with database.session() as session:
+            jobs = review.held_jobs(session)
+            for job in jobs:
+                print(f"job {job.id}: {job.model_name} on study {job.study_instance_uid}\n      {job.reason}")
+        if not jobs:
+            print("no results are held")
+        return 0
+    try:
+        with database.session() as session:
+            if args.action == "release":
+                queued = review.release(session, args.job, "cli", args.comment)
+                print(f"job {args.job} released: {queued} deliveries queued; the running node sends them "
+                      "within a second")
+            else:
+                review.reject(session, args.job, "cli", args.comment)
+                print(f"job {args.job} rejected: its results are never sent")
+    except (LookupError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
 
 
 def _users(args) -> int:

@@ -1,11 +1,11 @@
-"""Read-only views of what the node knows about a study (used by the CLI and later the web API)."""
+"""Read-only views of what the node knows about a study (used by the CLI, the web API and pages)."""
 
 from __future__ import annotations
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_ai_node.db.models import Instance, Job, RoutingDecision, Series, Study
+from dicom_ai_node.db.models import Instance, Job, QualityCheck, RoutingDecision, Series, Study
 
 
 def list_studies(session: Session, limit: int = 50, offset: int = 0, *, state: str | None = None,
@@ -87,6 +87,7 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
             "rule": job.rule_name, "series_instance_uid": job.series_instance_uid,
             "state": job.state.value, "reason": job.reason, "attempts": job.attempts,
             "timings": job.timings, "created_at": job.created_at, "finished_at": job.finished_at,
+            "qc_policy": job.qc_policy, "quality_checks": quality_checks_json(job.quality_checks),
             "results": [{
                 "id": result.id, "kind": result.kind, "sop_instance_uid": result.sop_instance_uid,
                 "series_instance_uid": result.series_instance_uid, "path": result.path,
@@ -96,6 +97,12 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
             } for result in job.results],
         } for job in jobs],
     }
+
+
+def quality_checks_json(checks: list[QualityCheck]) -> list[dict]:
+    """A job's quality checks: what was checked, the value, the allowed range, the outcome."""
+    return [{"name": c.name, "value": c.value, "low": c.low, "high": c.high, "unit": c.unit,
+             "passed": c.passed, "message": c.message, "checked_at": c.checked_at} for c in checks]
 
 
 def format_study_list(studies: list[dict]) -> str:
@@ -135,6 +142,10 @@ def format_study(detail: dict) -> str:
                      f"rule {job['rule']}  {timing}")
         if job["reason"]:
             lines.append(f"      reason: {job['reason']}")
+        if job["quality_checks"]:
+            lines.append(f"      quality checks (on failure: {job['qc_policy']}):")
+        for check in job["quality_checks"]:
+            lines.append(f"        {'PASS' if check['passed'] else 'FAIL'}  {check['message']}")
         for result in job["results"]:
             for delivery in result["deliveries"]:
                 error = f" ({delivery['last_error']})" if delivery["last_error"] else ""

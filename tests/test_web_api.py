@@ -11,6 +11,7 @@ from tests.web_support import EVIL, RULES, STUDY, Web, csrf_of, store_study
 # every endpoint that needs a login, with a harmless request
 PROTECTED = [("GET", "/api/studies"), ("GET", f"/api/studies/{STUDY}"), ("GET", "/api/jobs"),
              ("GET", "/api/jobs/1"), ("POST", "/api/jobs/1/retry"), ("POST", "/api/jobs/1/cancel"),
+             ("POST", "/api/jobs/1/release"), ("POST", "/api/jobs/1/reject"),
              ("GET", "/api/deliveries"), ("POST", "/api/deliveries/1/resend"), ("GET", "/api/rules"),
              ("GET", "/api/rules/versions"), ("GET", "/api/rules/versions/1"), ("POST", "/api/rules/validate"),
              ("POST", "/api/rules/dry-run"), ("POST", "/api/rules"), ("POST", "/api/rules/rollback"),

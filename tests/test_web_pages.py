@@ -8,7 +8,8 @@ import pytest
 from dicom_ai_node.db.models import Delivery, DestinationRow, DisabledModel
 from tests.web_support import EVIL, PASSWORD, RULES, STUDY, Web, csrf_of, store_study
 
-PAGES = ["/", "/studies", f"/studies/{STUDY}", "/rules", "/rules?version=1", "/destinations", "/models", "/audit"]
+PAGES = ["/", "/studies", f"/studies/{STUDY}", "/held", "/rules", "/rules?version=1", "/destinations", "/models",
+         "/audit"]
 
 
 @pytest.fixture

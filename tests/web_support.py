@@ -139,3 +139,53 @@ def store_study(database: Database, storage: Path) -> dict[str, int]:
         ids.update(delivered=delivered.id, crashed=crashed.id, queued=queued.id, result=result.id,
                    delivery=result.deliveries[0].id)
     return ids
+
+
+HELD_SERIES = "1.2.826.0.1.3680043.8.498.1.2"
+
+
+def store_held_job(database: Database, storage: Path, study: str = STUDY) -> dict[str, int]:
+    """A job on ``study`` (stored already) whose result failed its quality checks under policy
+    hold: a stored SEG and a real 8-bit RGB Secondary Capture key image, no deliveries, one
+    failed and one passed check. Returns the job's and the results' ids."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    from dicom_ai_node.db.models import QualityCheck
+    from dicom_ai_node.storage import Storage
+
+    with database.session() as session:
+        job = Job(study_instance_uid=study, series_instance_uid=SERIES, model_name="lung_ct_seg",
+                  rule_name="chest-ct-lungs", destinations=["pacs"], input_fingerprint="held", input_count=3,
+                  state=JobState.held, qc_policy="hold", started_at=utcnow(), model_version="1.1.0",
+                  reason="held for review: lung volume 39.3 mL is below the plausible range 100 to 12000 mL")
+        session.add(job)
+        session.flush()
+        session.add_all([
+            QualityCheck(job_id=job.id, name="lung volume", value=39.3, low=100.0, high=12000.0, unit="mL",
+                         passed=False, message="lung volume 39.3 mL is below the plausible range 100 to 12000 mL"),
+            QualityCheck(job_id=job.id, name="mean_attenuation on lung", value=-565.0, low=-1000.0, high=-500.0,
+                         unit="HU", passed=True,
+                         message="mean_attenuation on lung -565 HU is within the plausible range -1000 to -500 HU")])
+        files = Storage(storage)
+        image_uid, seg_uid = f"{HELD_SERIES}.1", f"{HELD_SERIES}.2"
+        image = Dataset()
+        image.SOPClassUID, image.SOPInstanceUID = SecondaryCaptureImageStorage, image_uid
+        image.Rows, image.Columns, image.SamplesPerPixel, image.PhotometricInterpretation = 4, 6, 3, "RGB"
+        image.BitsAllocated, image.BitsStored, image.HighBit, image.PixelRepresentation = 8, 8, 7, 0
+        image.PlanarConfiguration = 0
+        image.PixelData = bytes(range(4 * 6 * 3))
+        image.file_meta = FileMetaDataset()
+        image.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        image.file_meta.MediaStorageSOPClassUID, image.file_meta.MediaStorageSOPInstanceUID = image.SOPClassUID, image_uid
+        key_path = files.result_path(job.id, image_uid)
+        files.absolute(key_path).parent.mkdir(parents=True, exist_ok=True)
+        image.save_as(files.absolute(key_path), enforce_file_format=True)
+        key_image = ResultObject(job_id=job.id, kind="key_image", sop_instance_uid=image_uid,
+                                 sop_class_uid=SecondaryCaptureImageStorage, series_instance_uid=HELD_SERIES,
+                                 path=key_path)
+        seg = ResultObject(job_id=job.id, kind="seg", sop_instance_uid=seg_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                           series_instance_uid=f"{HELD_SERIES}.9", path=files.result_path(job.id, seg_uid))
+        session.add_all([key_image, seg])
+        session.flush()
+        return {"held": job.id, "key_image": key_image.id, "held_seg": seg.id}

@@ -14,10 +14,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from dicom_ai_node import audit
-from dicom_ai_node.db.models import Job, JobState, QualityCheck, utcnow
+from dicom_ai_node.db.models import AuditEvent, Job, JobState, QualityCheck, utcnow
 from dicom_ai_node.deliver.outbox import queue_deliveries
 
 MAX_COMMENT = 1000
+RELEASE, REJECT = "jobs.release", "jobs.reject"  # the audit log's actions
 
 
 class NotHeld(ValueError):
@@ -34,7 +35,7 @@ def release(session: Session, job_id: int, actor: str, comment: str | None = Non
         queue_deliveries(result, job.destinations)
     if not job.destinations:  # nowhere to send: kept on the node, as for any other job
         job.state, job.finished_at = JobState.done, now
-    audit.record(session, actor, "jobs.release", f"job {job_id}", comment=comment,
+    audit.record(session, actor, RELEASE, f"job {job_id}", comment=comment,
                  model=job.model_name, failed_checks=_failed_checks(session, job_id))
     session.flush()
     return sum(len(result.deliveries) for result in job.results)
@@ -45,12 +46,18 @@ def reject(session: Session, job_id: int, actor: str, comment: str | None = None
     comment = _comment(comment)
     reason = f"rejected by {actor}" + (f": {comment}" if comment else "")
     job = _take_held(session, job_id, "rejected", state=JobState.rejected, reason=reason, finished_at=utcnow())
-    audit.record(session, actor, "jobs.reject", f"job {job_id}", comment=comment,
+    audit.record(session, actor, REJECT, f"job {job_id}", comment=comment,
                  model=job.model_name, failed_checks=_failed_checks(session, job_id))
 
 
 def held_jobs(session: Session) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.state == JobState.held).order_by(Job.id)))
+
+
+def recent_reviews(session: Session, limit: int = 20) -> list[AuditEvent]:
+    """The latest releases and rejections, newest first."""
+    return list(session.scalars(select(AuditEvent).where(AuditEvent.action.in_([RELEASE, REJECT]))
+                                .order_by(AuditEvent.id.desc()).limit(limit)))
 
 
 def _comment(comment: str | None) -> str | None:

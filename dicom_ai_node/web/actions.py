@@ -3,6 +3,8 @@ the pages; each one is audited in the same transaction as the change."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,6 +13,7 @@ from dicom_ai_node.db.models import Delivery, DestinationRow, DisabledModel, Job
 from dicom_ai_node.deliver import dimse
 from dicom_ai_node.deliver.destinations import EDITABLE, to_config
 from dicom_ai_node.deliver.outbox import resend_deliveries
+from dicom_ai_node.jobs import review
 from dicom_ai_node.web.context import WebContext
 
 
@@ -56,6 +59,28 @@ def cancel_job(session: Session, job_id: int, actor: str) -> None:
         raise Refused(f"job {job_id} is {job.state.value}; only queued or delivering jobs can be cancelled")
     job.state, job.reason, job.finished_at = JobState.failed, reason, utcnow()
     audit.record(session, actor, "jobs.cancel", f"job {job_id}")
+
+
+def release_job(session: Session, job_id: int, actor: str, comment: str | None) -> int:
+    """Held results go out after all (jobs/review.py); returns the deliveries queued."""
+    with _review_refusals():
+        return review.release(session, job_id, actor, comment)
+
+
+def reject_job(session: Session, job_id: int, actor: str, comment: str | None) -> None:
+    """Held results are never sent (jobs/review.py)."""
+    with _review_refusals():
+        review.reject(session, job_id, actor, comment)
+
+
+@contextmanager
+def _review_refusals():
+    try:
+        yield
+    except LookupError as error:
+        raise NotFound(str(error)) from None
+    except ValueError as error:  # not held (any more), or a comment too long
+        raise Refused(str(error)) from None
 
 
 def resend_delivery(session: Session, delivery_id: int, actor: str) -> None:

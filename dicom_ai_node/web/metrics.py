@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Delivery, Instance, Job, JobState, Series, Study
+from dicom_ai_node.db.models import Delivery, Instance, Job, JobState, QualityCheck, Series, Study
 
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 PREFIX = "dicom_ai_node"
@@ -46,6 +46,18 @@ class NodeCollector:
             durations = session.execute(select(Job.started_at, Job.finished_at).where(
                 Job.state == JobState.done, Job.started_at.is_not(None), Job.finished_at.is_not(None))).all()
             yield _histogram([(_utc(end) - _utc(start)).total_seconds() for start, end in durations])
+
+            checks = session.execute(select(Job.model_name, QualityCheck.passed, func.count())
+                                     .join(Job, Job.id == QualityCheck.job_id)
+                                     .group_by(Job.model_name, QualityCheck.passed)).all()
+            quality = CounterMetricFamily(f"{PREFIX}_qc_checks", "quality checks of results, by model and outcome",
+                                          labels=["model", "outcome"])
+            for model, passed, count in checks:
+                quality.add_metric([model, "pass" if passed else "fail"], count)
+            yield quality
+            yield GaugeMetricFamily(f"{PREFIX}_held_results", "jobs whose results wait for an admin to release "
+                                    "or reject them (failed their quality checks under policy hold)",
+                                    value=by_state.get(JobState.held, 0))
 
             failed = session.scalar(select(func.count()).where(Delivery.state == "failed"))
             yield CounterMetricFamily(f"{PREFIX}_delivery_failures", "deliveries given up after all retries",

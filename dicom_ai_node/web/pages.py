@@ -10,16 +10,19 @@ from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from dicom_ai_node import inspect
-from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, RuleSetVersion, utcnow
+from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, RuleSetVersion, Study, utcnow
 from dicom_ai_node.deliver.destinations import list_destinations, to_json
-from dicom_ai_node.web import actions, rules_editing, users
+from dicom_ai_node.jobs import review
+from dicom_ai_node.jobs.review import MAX_COMMENT
+from dicom_ai_node.storage import Storage
+from dicom_ai_node.web import actions, previews, rules_editing, users
 from dicom_ai_node.web.actions import NotFound, Refused
 from dicom_ai_node.web.api.audit import audit_events
 from dicom_ai_node.web.api.destinations import DestinationFields
@@ -86,8 +89,7 @@ def login(request: Request, ctx: Context, name: Annotated[str, Form(max_length=6
         if user is None:
             return back("/login", error="wrong user name or password")
         token = users.start_session(session, user, ctx.config.web.session_hours)
-    target = next if next.startswith("/") and not next.startswith("//") else "/"
-    response = RedirectResponse(target, status_code=303)
+    response = RedirectResponse(_local(next, fallback="/"), status_code=303)
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax",
                         secure=request.url.scheme == "https", max_age=int(ctx.config.web.session_hours * 3600))
     response.delete_cookie(LOGIN_CSRF_COOKIE)
@@ -121,9 +123,10 @@ def dashboard(request: Request, ctx: Context, user: PageUser):
         failed = [{"id": j.id, "study": j.study_instance_uid, "model": j.model_name, "reason": j.reason,
                    "at": j.finished_at} for j in failures]
         queued = session.scalar(select(func.count()).where(Job.state == JobState.queued))
+        held = session.scalar(select(func.count()).where(Job.state == JobState.held))
         pending = session.scalar(select(func.count()).where(Delivery.state == "pending"))
     return render(request, "dashboard.html", user, arriving=arriving, recent=recent, running=running,
-                  failed=failed, queued=queued, pending=pending)
+                  failed=failed, queued=queued, held=held, pending=pending)
 
 
 def _progress(job: Job) -> dict:
@@ -155,14 +158,13 @@ def study(request: Request, ctx: Context, user: PageUser, study_uid: str):
     evaluations: dict[int, list] = {}
     for decision in detail["decisions"]:
         evaluations.setdefault(decision["evaluation"], []).append(decision)
-    return render(request, "study.html", user, study=detail, evaluations=sorted(evaluations.items(), reverse=True))
+    return render(request, "study.html", user, study=detail, evaluations=sorted(evaluations.items(), reverse=True),
+                  max_comment=MAX_COMMENT)
 
 
 @router.get("/results/{result_id}/file")
 def result_file(ctx: Context, _user: PageUser, result_id: int):
     """The result object as a DICOM file (Part 10), for download."""
-    from dicom_ai_node.storage import Storage
-
     with ctx.database.session() as session:
         result = session.get(ResultObject, result_id)
         if result is None:
@@ -171,6 +173,76 @@ def result_file(ctx: Context, _user: PageUser, result_id: int):
     if not Path(path).is_file():
         raise HTTPException(404, "the result's file is gone")
     return FileResponse(path, media_type="application/dicom", filename=f"{result.sop_instance_uid}.dcm")
+
+
+@router.get("/results/{result_id}/image.png")
+def key_image(ctx: Context, _user: PageUser, result_id: int):
+    """A key image (Secondary Capture result) as PNG, for the held-results and study pages."""
+    with ctx.database.session() as session:
+        result = session.get(ResultObject, result_id)
+        if result is None:
+            raise HTTPException(404, "no such result")
+        try:
+            png = previews.key_image_png(previews.key_image_path(_storage(ctx), result))
+        except previews.NoPreview as error:
+            raise HTTPException(404, str(error)) from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _storage(ctx) -> Storage:
+    return Storage(ctx.config.node.storage_dir, 0)
+
+
+# ---- held results (failed their quality checks under policy "hold")
+
+
+@router.get("/held")
+def held_page(request: Request, ctx: Context, user: PageUser):
+    with ctx.database.session() as session:
+        jobs = [_held_json(session, job) for job in review.held_jobs(session)]
+        reviewed = review.recent_reviews(session)
+    return render(request, "held.html", user, jobs=jobs, reviewed=reviewed, max_comment=MAX_COMMENT)
+
+
+def _held_json(session, job: Job) -> dict:
+    study = session.get(Study, job.study_instance_uid)
+    return {"id": job.id, "model": job.model_name, "model_version": job.model_version, "rule": job.rule_name,
+            "reason": job.reason, "destinations": job.destinations, "created_at": job.created_at,
+            "study": {"study_instance_uid": study.study_instance_uid, "patient_name": study.patient_name,
+                      "patient_id": study.patient_id, "description": study.study_description},
+            "checks": inspect.quality_checks_json(job.quality_checks),
+            "key_images": [r.id for r in job.results if r.kind == previews.KEY_IMAGE],
+            "results": [r.kind for r in job.results]}
+
+
+@router.post("/jobs/{job_id}/release")
+def release(ctx: Context, user: PageAdmin, job_id: int, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
+            next: Annotated[str, Form()] = "/held"):
+    target = _local(next, fallback="/held")
+    try:
+        with ctx.database.session() as session:
+            queued = actions.release_job(session, job_id, user.name, comment)
+    except (NotFound, Refused) as error:
+        return back(target, error=str(error))
+    ctx.kick_outbox()
+    return back(target, msg=f"job {job_id} released: {queued} deliveries queued")
+
+
+@router.post("/jobs/{job_id}/reject")
+def reject(ctx: Context, user: PageAdmin, job_id: int, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
+           next: Annotated[str, Form()] = "/held"):
+    target = _local(next, fallback="/held")
+    try:
+        with ctx.database.session() as session:
+            actions.reject_job(session, job_id, user.name, comment)
+    except (NotFound, Refused) as error:
+        return back(target, error=str(error))
+    return back(target, msg=f"job {job_id} rejected: its results are never sent")
+
+
+def _local(path: str, fallback: str) -> str:
+    """A redirect target on this site only (a form field could name another)."""
+    return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else fallback
 
 
 @router.post("/jobs/{job_id}/retry")

@@ -1,13 +1,16 @@
-"""Jobs (retry, cancel) and deliveries (resend)."""
+"""Jobs (retry, cancel, release or reject held results) and deliveries (resend)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject
+from dicom_ai_node.inspect import quality_checks_json
+from dicom_ai_node.jobs.review import MAX_COMMENT
 from dicom_ai_node.web import actions
 from dicom_ai_node.web.api.common import ADMIN_ERRORS, ERRORS, Message, http_errors
 from dicom_ai_node.web.auth import Admin, Context, User
@@ -23,10 +26,15 @@ def job_json(job: Job) -> dict[str, Any]:
             "model_version": job.model_version, "rule": job.rule_name, "state": job.state.value,
             "reason": job.reason, "attempts": job.attempts, "timings": job.timings,
             "destinations": job.destinations, "created_at": job.created_at,
-            "started_at": job.started_at, "finished_at": job.finished_at}
+            "started_at": job.started_at, "finished_at": job.finished_at,
+            "qc_policy": job.qc_policy, "quality_checks": quality_checks_json(job.quality_checks)}
 
 
-@router.get("/jobs", summary="Jobs, newest first")
+class Review(BaseModel):
+    comment: str | None = Field(default=None, max_length=MAX_COMMENT, description="why (kept in the audit log)")
+
+
+@router.get("/jobs", summary="Jobs, newest first (state=held: results waiting for review)")
 def list_jobs(ctx: Context, _user: User, state: JobState | None = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[dict[str, Any]]:
     with ctx.database.session() as session:
@@ -62,6 +70,22 @@ def cancel_job(ctx: Context, user: Admin, job_id: JobId) -> Message:
     with http_errors(), ctx.database.session() as session:
         actions.cancel_job(session, job_id, user.name)
     return Message(message=f"job {job_id} cancelled")
+
+
+@router.post("/jobs/{job_id}/release", responses=ADMIN_ERRORS, summary="Send held results after all "
+             "(they failed their quality checks under policy hold); audited")
+def release_job(ctx: Context, user: Admin, job_id: JobId, review: Review | None = None) -> Message:
+    with http_errors(), ctx.database.session() as session:
+        queued = actions.release_job(session, job_id, user.name, review.comment if review else None)
+    ctx.kick_outbox()
+    return Message(message=f"job {job_id} released: {queued} deliveries queued")
+
+
+@router.post("/jobs/{job_id}/reject", responses=ADMIN_ERRORS, summary="Never send held results; audited")
+def reject_job(ctx: Context, user: Admin, job_id: JobId, review: Review | None = None) -> Message:
+    with http_errors(), ctx.database.session() as session:
+        actions.reject_job(session, job_id, user.name, review.comment if review else None)
+    return Message(message=f"job {job_id} rejected: its results are never sent")
 
 
 @router.get("/deliveries", summary="Deliveries (outbox rows), newest first")
