@@ -111,7 +111,8 @@ def test_series_the_model_cannot_take_fails_with_a_reason(tmp_path, orthanc):
 
 
 def test_pacs_down_then_up_delivers_after_retries(tmp_path, orthanc):
-    series = make_ct_series(tmp_path / "ct", shape=(32, 64, 64), spacing=(2.5, 1.5, 1.5), seed="retry")
+    # 2 mm pixels: lungs of about 150 mL, within the model's plausible range (1.5 mm made them 90 mL: held)
+    series = make_ct_series(tmp_path / "ct", shape=(32, 64, 64), spacing=(2.5, 2.0, 2.0), seed="retry")
     orthanc.stop()  # the PACS is down when results are ready
     with make_node(tmp_path, orthanc, max_attempts=8, backoff_s=1.0) as node:
         storescu("127.0.0.1", node.port, tmp_path / "ct", NODE_AE)
