@@ -1,8 +1,14 @@
 """A study for the OHIF viewer check (../shared/tools/viewer-check): a synthetic chest CT sent
-through a real node (lung_ct_seg) into Orthanc; the source images and every result that
-arrived in Orthanc are written to OUT, ready for check_viewer.sh.
+through a real node into Orthanc; the source images and every result that arrived in Orthanc
+are written to OUT, ready for check_viewer.sh.
 
-    .venv/bin/python bench/viewer_study.py OUT [--slices 60] [--size 128]
+    .venv/bin/python bench/viewer_study.py OUT [--model lung_ct_seg] [--slices 60] [--size 128]
+        [--spacing 2.5 2.5 2.5] [--qc-fail send_flagged]
+
+--model: any bundled model (ct_body_region: finding + saliency outline; ct_denoise: derived
+series + noise measurements in a uniform region). --qc-fail: the rule's policy for a result
+that fails the model's quality checks; e.g. `--spacing 1 0.7 0.7 --qc-fail send_flagged` makes
+lungs too small for lung_ct_seg's plausible volume, so its results arrive flagged "QC FAILED".
 """
 
 from __future__ import annotations
@@ -14,30 +20,46 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.time_to_result import start_pacs_and_node  # noqa: E402
-from tests.node_process import NODE_AE  # noqa: E402
-from tests.peers import storescu, storescu_failures, wait_for  # noqa: E402
+from tests.node_process import NODE_AE, NodeProcess  # noqa: E402
+from tests.peers import OrthancPeer, free_port, storescu, storescu_failures, wait_for  # noqa: E402
 from tests.synthetic import make_ct_series  # noqa: E402
-from tests.test_end_to_end import all_results_arrived  # noqa: E402
+
+
+RUNNING = ("queued", "running", "encoding", "delivering")
+
+
+def rule(model: str, qc_fail: str | None) -> str:
+    policy = f'qc_fail = "{qc_fail}"\n' if qc_fail else ""
+    return (f'[[rules]]\nname = "viewer-check"\npriority = 10\nmodels = ["{model}"]\ndestinations = ["pacs"]\n'
+            f'{policy}when = {{ all = [ {{ tag = "Modality", equals = "CT" }} ] }}\n')
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default="lung_ct_seg")
     parser.add_argument("--slices", type=int, default=60)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--spacing", type=float, nargs=3, default=(2.5, 2.5, 2.5))
+    parser.add_argument("--qc-fail", choices=("hold", "send_flagged", "drop"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         series = make_ct_series(Path(workdir) / "ct", shape=(args.slices, args.size, args.size),
-                                spacing=(2.5, 2.5, 2.5), seed="viewer-check")
-        orthanc, node = start_pacs_and_node(Path(workdir))
+                                spacing=tuple(args.spacing), seed="viewer-check")
+        orthanc = OrthancPeer(workdir=Path(workdir) / "orthanc", node_port=free_port()).start()
+        node = NodeProcess(Path(workdir) / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
+                           rules=rule(args.model, args.qc_fail), quiet_period_s=5.0).start()
         try:
             failures = storescu_failures(storescu("127.0.0.1", node.port, Path(workdir) / "ct", NODE_AE))
             if failures:
                 raise SystemExit(f"storescu failed: {failures[:3]}")
-            wait_for(lambda: all_results_arrived(orthanc, series.study_instance_uid), timeout=300,
-                     what="SEG, SR and key images in Orthanc")
+            def finished_jobs():  # done, held, dropped, failed ...: nothing more will arrive
+                jobs = node.study(series.study_instance_uid)["jobs"]
+                return jobs if jobs and all(job["state"] not in RUNNING for job in jobs) else None
+
+            jobs = wait_for(finished_jobs, timeout=600, interval=1.0, what=f"the {args.model} job finished")
+            print(", ".join(f"job {job['id']}: {job['state']}" for job in jobs))
             for number, orthanc_id in enumerate(orthanc.instances()):  # the results
                 (args.out / f"result-{number:04d}.dcm").write_bytes(orthanc.instance_file(orthanc_id))
             for path in series.paths:  # the source images, as the scanner sent them

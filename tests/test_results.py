@@ -593,3 +593,15 @@ def test_key_image_is_where_the_segment_is_largest_not_its_first_slice(job):
     (area,) = _children(_groups(sr)[0], "NUM")
     source = area.ContentSequence[0].ContentSequence[0].ReferencedSOPSequence[0]
     assert source.ReferencedSOPInstanceUID == job.volume.source_frames[6].sop_instance_uid
+
+
+def test_encode_results_flags_every_series_of_a_flagged_result(job):
+    from dicom_ai_node.jobs.encode import encode_results
+    job.output.derived_pixels = job.series.hu
+    flagged = encode_results(job.headers, job.volume, job.output, job.manifest, "job-1", qc_failures=QC_FAILURES)
+    plain = encode_results(job.headers, job.volume, job.output, job.manifest, "job-1")
+    assert {kind for kind, _ in flagged} == {"seg", "derived", "sr", "key_image"}
+    for (kind, dataset), (_, unflagged) in zip(flagged, plain):
+        assert dataset.SOPInstanceUID == unflagged.SOPInstanceUID
+        assert dataset.SeriesDescription == f"QC FAILED {unflagged.SeriesDescription}"[:64], kind
+        assert "QC" not in unflagged.SeriesDescription

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pydicom.dataset import Dataset
 
 from dicom_ai_node.imaging.volume import Volume
+from dicom_ai_node.results import common
 from dicom_ai_node.results.key_images import build_key_images
 from dicom_ai_node.results.seg import build_segmentation
 from dicom_ai_node.results.sr import build_measurement_report
@@ -35,7 +36,8 @@ def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
     encoding the same job again (after a crash) gives the same objects.
 
     ``qc_failures``: the quality checks this result failed, one sentence each, when it is sent
-    flagged (rule policy ``qc_fail = "send_flagged"``); the SR and the key images then say so."""
+    flagged (rule policy ``qc_fail = "send_flagged"``); the SR and the key images then say so,
+    and every series description starts with "QC FAILED"."""
     results: list[tuple[str, Dataset]] = []
     segmentation = None
     if output.segments:
@@ -58,4 +60,8 @@ def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
         for image in build_key_images(sources, volume, output, manifest, uid_seed,
                                       SERIES_NUMBER["key_image"], qc_failures=qc_failures):
             results.append(("key_image", image))
+    if qc_failures:  # the SEG and derived encoders do not know about QC: flag where viewers list series
+        for kind, dataset in results:
+            if kind in ("seg", "derived"):
+                dataset.SeriesDescription = f"{common.QC_FAILED} {dataset.SeriesDescription}"[:64]
     return results

@@ -21,6 +21,7 @@ NODE_MANUFACTURER = "dicom-ai-node"
 NODE_VERSION = __version__
 PROCESSING_ALGORITHM = ("1630", "99IHE", "Processing Algorithm")  # IHE AIR purpose of reference
 DISCLAIMER = "AI RESULT - NOT FOR PRIMARY DIAGNOSIS"
+QC_FAILED = "QC FAILED"  # marks a result sent although it failed its model's quality checks
 
 
 def new_uid(uid_seed: str, *parts: object) -> str:
@@ -32,7 +33,7 @@ def series_description(manifest: Manifest, kind: str, qc_failed: bool = False) -
     """e.g. "AI: Lung CT segmentation 1.0.0 SEG", cut to the 64 characters of LO; a result that
     failed its quality checks starts with "QC FAILED" (viewers show only the start)."""
     text = f"AI: {manifest.algorithm_name} {manifest.algorithm_version} {kind}"
-    return (f"QC FAILED {text}" if qc_failed else text)[:64]
+    return (f"{QC_FAILED} {text}" if qc_failed else text)[:64]
 
 
 def algorithm_identification(manifest: Manifest) -> hd.AlgorithmIdentificationSequence:

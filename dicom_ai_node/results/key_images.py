@@ -72,7 +72,7 @@ def build_key_images(
                                     orientation_letters(volume.column_direction)]
         image.BurnedInAnnotation = "YES"
         image.ConversionType = "WSD"  # workstation
-        image.ImageComments = "; ".join([common.DISCLAIMER, *(f"QC FAILED: {r}" for r in qc_failures)])[:10240]
+        image.ImageComments = "; ".join([common.DISCLAIMER, *(f"{common.QC_FAILED}: {r}" for r in qc_failures)])[:10240]
         image.DerivationDescription = f"Slice {index + 1} of {volume.shape[0]} with {manifest.algorithm_name} result"[:1024]
         image.SourceImageSequence = [_source_reference(frame)]
         common.copy_clinical_context(image, source)
@@ -193,7 +193,7 @@ def qc_banner_lines(qc_failures: Sequence[str], fits, max_lines: int = MAX_QC_LI
     become one "+N more" line."""
     lines: list[str] = []
     for shown, reason in enumerate(qc_failures):
-        wrapped = _wrapped(f"QC FAILED: {reason}", fits)
+        wrapped = _wrapped(f"{common.QC_FAILED}: {reason}", fits)
         if len(wrapped) > 2:
             wrapped = [wrapped[0], _shortened(" ".join(wrapped[1:]), fits)]
         more = len(qc_failures) - shown

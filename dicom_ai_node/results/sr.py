@@ -45,7 +45,6 @@ MAX_OUTLINE_POINTS = 200  # OHIF draws every point; a few hundred keep the SR sm
 # OHIF hydrates a group whose tracking identifier names a Cornerstone tool (an outline with its area)
 OHIF_FREEHAND_ROI = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
-QC_FAILED = "QC FAILED"
 PROCEDURE_BY_MODALITY = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": codes.LN.MRIUnspecifiedBodyRegion,
@@ -80,7 +79,7 @@ def build_measurement_report(
     """
     source_images = common.sources_in_volume_order(sources, volume)
     algorithm = common.algorithm_sr(manifest)
-    qc_mark = f" ({QC_FAILED})" if qc_failures else ""  # on every label a viewer shows
+    qc_mark = f" ({common.QC_FAILED})" if qc_failures else ""  # on every label a viewer shows
     groups: list = []
     image_level_measurements = [m for m in output.measurements if m.segment is None or segmentation is None]
 
@@ -223,7 +222,7 @@ def _qc_evaluations(qc_failures: Sequence[str]) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     container.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(name=codes.DCM.QualityFinding, value=f"{QC_FAILED}: {reason}",
+        hd.sr.TextContentItem(name=codes.DCM.QualityFinding, value=f"{common.QC_FAILED}: {reason}",
                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         for reason in qc_failures])
     return container
