@@ -258,6 +258,30 @@ def _bytes(dataset) -> bytes:
     return buffer.getvalue()
 
 
+def test_a_site_model_declares_quality_checks_without_code(tmp_path, series):
+    from model_zoo.quality import check_output
+
+    qc = """
+[[qc.segments]]
+name = "dense"
+required = true
+volume_ml = [1, 10]
+
+[[qc.measurements]]
+name = "volume"
+segment = "dense"
+range = [1, 1000]
+"""
+    manifest = load_manifest(export_torchscript(tmp_path / "site", outputs=SEGMENT + qc))
+    volume = load_series(series.paths)
+    output = registry.load_model(manifest, device="cpu").predict(volume)
+    results = {r.name: r for r in check_output(manifest, output, volume.voxel_volume_ml)}
+    body_ml = output.measurements[0].value  # the phantom's body: everything denser than -250 HU
+    assert 10 < body_ml < 1000
+    assert not results["dense volume"].passed and results["dense volume"].value == pytest.approx(body_ml)
+    assert results["volume on dense"].passed and results["volume on dense"].unit == "mL"
+
+
 def test_bad_manifests_are_refused_with_the_key(tmp_path):
     folder = export_torchscript(tmp_path / "bad", options='output = "segmentation"\nsegments = ["nope"]')
     with pytest.raises(ManifestError, match="model.options.segments"):
