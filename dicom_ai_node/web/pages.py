@@ -166,10 +166,8 @@ def study(request: Request, ctx: Context, user: PageUser, study_uid: str):
 def result_file(ctx: Context, _user: PageUser, result_id: int):
     """The result object as a DICOM file (Part 10), for download."""
     with ctx.database.session() as session:
-        result = session.get(ResultObject, result_id)
-        if result is None:
-            raise HTTPException(404, "no such result")
-        path = Storage(ctx.config.node.storage_dir, 0).absolute(result.path)
+        result = _result(session, result_id)
+        path = _storage(ctx).absolute(result.path)
     if not Path(path).is_file():
         raise HTTPException(404, "the result's file is gone")
     return FileResponse(path, media_type="application/dicom", filename=f"{result.sop_instance_uid}.dcm")
@@ -179,14 +177,19 @@ def result_file(ctx: Context, _user: PageUser, result_id: int):
 def key_image(ctx: Context, _user: PageUser, result_id: int):
     """A key image (Secondary Capture result) as PNG, for the held-results and study pages."""
     with ctx.database.session() as session:
-        result = session.get(ResultObject, result_id)
-        if result is None:
-            raise HTTPException(404, "no such result")
+        result = _result(session, result_id)
         try:
             png = previews.key_image_png(previews.key_image_path(_storage(ctx), result))
         except previews.NoPreview as error:
             raise HTTPException(404, str(error)) from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def _result(session, result_id: int) -> ResultObject:
+    result = session.get(ResultObject, result_id)
+    if result is None:
+        raise HTTPException(404, "no such result")
+    return result
 
 
 def _storage(ctx) -> Storage:
@@ -218,26 +221,31 @@ def _held_json(session, job: Job) -> dict:
 @router.post("/jobs/{job_id}/release")
 def release(ctx: Context, user: PageAdmin, job_id: int, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
             next: Annotated[str, Form()] = "/held"):
-    target = _local(next, fallback="/held")
-    try:
-        with ctx.database.session() as session:
-            queued = actions.release_job(session, job_id, user.name, comment)
-    except (NotFound, Refused) as error:
-        return back(target, error=str(error))
-    ctx.kick_outbox()
-    return back(target, msg=f"job {job_id} released: {queued} deliveries queued")
+    return _review(ctx, user, job_id, "release", comment, next)
 
 
 @router.post("/jobs/{job_id}/reject")
 def reject(ctx: Context, user: PageAdmin, job_id: int, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
            next: Annotated[str, Form()] = "/held"):
+    return _review(ctx, user, job_id, "reject", comment, next)
+
+
+def _review(ctx, user, job_id: int, decision: str, comment: str, next: str) -> RedirectResponse:
+    """Release or reject held results, then back to the page the form was on."""
     target = _local(next, fallback="/held")
     try:
         with ctx.database.session() as session:
-            actions.reject_job(session, job_id, user.name, comment)
+            if decision == "release":
+                queued = actions.release_job(session, job_id, user.name, comment)
+                message = f"job {job_id} released: {queued} deliveries queued"
+            else:
+                actions.reject_job(session, job_id, user.name, comment)
+                message = f"job {job_id} rejected: its results are never sent"
     except (NotFound, Refused) as error:
         return back(target, error=str(error))
-    return back(target, msg=f"job {job_id} rejected: its results are never sent")
+    if decision == "release":
+        ctx.kick_outbox()
+    return back(target, msg=message)
 
 
 def _local(path: str, fallback: str) -> str:
