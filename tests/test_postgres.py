@@ -112,3 +112,11 @@ def test_node_receives_into_postgresql(node_factory, postgres_url, tmp_path):
     engine.dispose()
     assert stored == set(series.sop_instance_uids)
     node.stop()
+
+
+def test_concurrent_release_and_reject_change_a_held_job_once(postgres_url, tmp_path):
+    from tests.test_quality_gate import check_concurrent_reviews
+
+    database = Database(postgres_url)
+    check_concurrent_reviews(database, tmp_path / "storage")
+    database.dispose()

@@ -201,3 +201,52 @@ def test_a_rerun_after_a_crash_replaces_the_earlier_checks(gate, phantoms):
     gate.runner.run(job_id)
     checks = gate.job(job_id)["checks"]
     assert len(checks) == 2 and checks["lung volume"].message != "stale"
+
+
+def check_concurrent_reviews(database, storage) -> None:
+    """Admins releasing and rejecting the same held job at the same moment (8 threads): exactly
+    one wins, the others are told it is no longer held, and the job changed once."""
+    import threading
+
+    from tests.web_support import store_held_job, store_study
+
+    database.upgrade()
+    store_study(database, storage)
+    job_id = store_held_job(database, storage)["held"]
+    start = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def attempt(index: int):
+        decide = review.release if index % 2 else review.reject
+        start.wait()
+        try:
+            with database.session() as session:
+                decide(session, job_id, f"admin{index}")
+            outcomes.append(decide.__name__)
+        except review.NotHeld:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    winners = [o for o in outcomes if o != "refused"]
+    assert len(outcomes) == 8 and len(winners) == 1, outcomes
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        sent = session.scalar(select(func.count()).select_from(Delivery).join(ResultObject)
+                              .where(ResultObject.job_id == job_id))
+        events = session.scalar(select(func.count()).select_from(AuditEvent)
+                                .where(AuditEvent.action.in_([review.RELEASE, review.REJECT])))
+    assert events == 1
+    if winners == ["release"]:
+        assert job.state == JobState.delivering and sent == 2
+    else:
+        assert job.state == JobState.rejected and sent == 0
+
+
+def test_concurrent_release_and_reject_change_a_held_job_once(tmp_path):
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    check_concurrent_reviews(database, tmp_path / "storage")
+    database.dispose()
