@@ -106,8 +106,12 @@ def test_a_plausible_result_is_delivered_with_its_checks_stored(gate, phantoms):
     assert job["deliveries"] and set(job["deliveries"]) == {"pending"} and gate.kicks == 1
 
 
-def test_hold_stores_the_results_but_queues_nothing(gate, phantoms):
-    job_id = gate.run(phantoms["cropped"])
+def test_hold_stores_the_results_but_queues_nothing(gate, phantoms, caplog):
+    with caplog.at_level("WARNING", logger="dicom_ai_node.jobs.runner"):
+        job_id = gate.run(phantoms["cropped"])
+    [logged] = [r.getMessage() for r in caplog.records if "quality checks failed" in r.getMessage()]
+    assert logged.startswith(f"job {job_id} (lung_ct_seg): 1 of 2 quality checks failed, policy hold: lung volume")
+    assert "Phantom" not in logged and "PHANTOM" not in logged  # names and numbers, no patient data
     job = gate.job(job_id)
     assert job["state"] == JobState.held and not job["state"].finished
     assert job["policy"] == "hold" and job["finished_at"] is None
