@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from pydicom import dcmwrite
 from pydicom.filebase import DicomBytesIO
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Instance, Job, JobState, QualityCheck, ResultObject, utcnow
@@ -114,7 +114,7 @@ class JobRunner:
         checks = check_output(manifest, output, volume.voxel_volume_ml)
         failed = failures(checks)
         policy = job.qc_policy or self.default_qc_fail
-        if not self._record_checks(job.id, checks, policy):
+        if not self._record_checks(job.id, job.model_name, checks, policy):
             return  # superseded or cancelled meanwhile, or dropped by the quality gate
 
         started = time.perf_counter()
@@ -129,56 +129,49 @@ class JobRunner:
             written.append((kind, dataset, path))
         timings["encode_s"] = _since(started)
 
+        held = bool(failed) and policy == "hold"
+        if held:
+            outcome = {"state": JobState.held, "reason": "held for review: " + "; ".join(failed)}
+        elif job.destinations:
+            outcome = {"state": JobState.delivering}
+        else:
+            outcome = {"state": JobState.done, "finished_at": utcnow()}
         with self.database.session() as session:
-            stored = session.get(Job, job.id)
-            if stored.state != JobState.encoding:
-                log.info("job %d was %s while running; its results are dropped", job.id, stored.state.value)
+            if not _move(session, job.id, JobState.encoding, model_version=manifest.version,
+                         timings={**timings, "delivery_started_at": utcnow().isoformat()}, **outcome):
                 return
-            held = bool(failed) and policy == "hold"
             for kind, dataset, path in written:
                 result = ResultObject(job_id=job.id, kind=kind, sop_instance_uid=dataset.SOPInstanceUID,
                                       sop_class_uid=dataset.SOPClassUID,
                                       series_instance_uid=dataset.SeriesInstanceUID, path=path)
                 session.add(result)
                 if not held:
-                    queue_deliveries(result, stored.destinations)
-            stored.model_version = manifest.version
-            stored.timings = {**timings, "delivery_started_at": utcnow().isoformat()}
-            if held:
-                stored.state, stored.reason = JobState.held, "held for review: " + "; ".join(failed)
-            elif stored.destinations:
-                stored.state = JobState.delivering
-            else:
-                stored.state, stored.finished_at = JobState.done, utcnow()
+                    queue_deliveries(result, job.destinations)
         log.info("job %d (%s): %d result objects%s, load %.1fs, inference %.1fs, encode %.1fs",
                  job.id, manifest.name, len(written), ", held for review" if held else "", timings["load_s"],
                  timings["inference_s"], timings["encode_s"])
         if not held:
             self.on_results()
 
-    def _record_checks(self, job_id: int, checks: list[CheckResult], policy: str) -> bool:
+    def _record_checks(self, job_id: int, model_name: str, checks: list[CheckResult], policy: str) -> bool:
         """Store the checks and the policy applied, in one commit with the job's next state:
         `encoding`, or `dropped` when a check failed and the policy is "drop". False when the
         job is not to be encoded (dropped, or no longer running)."""
         failed = failures(checks)
+        outcome = {"state": JobState.encoding}
+        if failed and policy == "drop":
+            outcome = {"state": JobState.dropped, "finished_at": utcnow(),
+                       "reason": "dropped: quality checks failed: " + "; ".join(failed)}
         with self.database.session() as session:
-            job = session.get(Job, job_id)
-            if job.state != JobState.running:
-                log.info("job %d was %s while running; its results are dropped", job_id, job.state.value)
+            if not _move(session, job_id, JobState.running, qc_policy=policy, **outcome):
                 return False
             session.execute(delete(QualityCheck).where(QualityCheck.job_id == job_id))  # an earlier attempt's
             session.add_all(QualityCheck(job_id=job_id, name=c.name, value=c.value, low=c.low, high=c.high,
                                          unit=c.unit, passed=c.passed, message=c.message) for c in checks)
-            job.qc_policy = policy
-            if failed and policy == "drop":
-                job.state, job.finished_at = JobState.dropped, utcnow()
-                job.reason = "dropped: quality checks failed: " + "; ".join(failed)
-            else:
-                job.state = JobState.encoding
         if failed:  # names and numbers only: no patient data
-            log.warning("job %d (%s): %d of %d quality checks failed, policy %s: %s", job_id, job.model_name,
+            log.warning("job %d (%s): %d of %d quality checks failed, policy %s: %s", job_id, model_name,
                         len(failed), len(checks), policy, "; ".join(failed))
-        return job.state == JobState.encoding
+        return outcome["state"] == JobState.encoding
 
     def _finish(self, job_id: int, state: JobState, reason: str, timings: dict) -> None:
         with self.database.session() as session:
@@ -187,6 +180,18 @@ class JobRunner:
                 return
             job.state, job.reason, job.finished_at = state, reason, utcnow()
             job.timings = {**job.timings, **timings}
+
+
+def _move(session, job_id: int, expected: JobState, **values) -> bool:
+    """Set ``values`` on the job only while it is still ``expected``: the router may have
+    superseded it (or an admin cancelled it) meanwhile, and then its results are dropped."""
+    moved = session.execute(update(Job).where(Job.id == job_id, Job.state == expected).values(**values)
+                            .execution_options(synchronize_session=False))
+    if moved.rowcount != 1:
+        state = session.scalar(select(Job.state).where(Job.id == job_id))
+        log.info("job %d was %s while running; its results are dropped", job_id, state.value)
+        return False
+    return True
 
 
 def _since(started: float) -> float:
