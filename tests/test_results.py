@@ -386,9 +386,10 @@ def _assert_ohif_can_draw_and_track(sr):
 
 
 def test_sr_outlines_each_segment_in_the_shape_ohif_tracks(job):
-    """Per segment a TID 1501 group first (what OHIF draws and hydrates as a PlanarFreehandROI):
-    the Area of the segment's largest region on its key slice, INFERRED FROM its closed outline on
-    that source image, labelled "Lungs"; then the volumetric group (TID 1411) with the same tracking UID."""
+    """Per region of a segment on its key slice a TID 1501 group (what OHIF draws and hydrates as a
+    PlanarFreehandROI): the region's Area, INFERRED FROM its closed outline on that source image,
+    labelled "Lungs (1/2)", "Lungs (2/2)"; then the volumetric group (TID 1411) with the tracking
+    UID of the largest region's group."""
     seg = build_segmentation(job.headers, job.volume, job.output, job.manifest, "job-1", 300)
     sr = build_measurement_report(job.headers, job.volume, job.output, job.manifest, "job-1", 301, seg)
     path = job.save(sr, "sr.dcm")
@@ -398,7 +399,8 @@ def test_sr_outlines_each_segment_in_the_shape_ohif_tracks(job):
 
     lung_uid = seg.SegmentSequence[0].TrackingUID
     assert _text(first_of_uid[lung_uid], "112039") == "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
-    assert _text(first_of_uid[lung_uid], "121106") == "Lungs"
+    assert [_text(g, "121106") for g in _groups(pydicom.dcmread(path))] == [
+        "Lungs (1/2)", "Lungs (2/2)", None, "Body", None, "Pulmonary emphysema: Present", "Image measurements"]
     (outlined,) = sr.content.get_image_measurement_groups(tracking_uid=lung_uid)
     (volumetric,) = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=lung_uid)
     assert volumetric.tracking_identifier == "Lungs"
@@ -427,6 +429,10 @@ def test_sr_outlines_each_segment_in_the_shape_ohif_tracks(job):
     pixel_area = job.volume.spacing[1] * job.volume.spacing[2]
     assert area.value == pytest.approx(largest.sum() * pixel_area, rel=1e-6)
     assert _shoelace(points) * pixel_area == pytest.approx(area.value, rel=0.05)
+    other = _children(_groups(sr)[1], "NUM")[0]  # the other lung, a tracking UID of its own
+    assert _tracking_uid(_groups(sr)[1]) != lung_uid
+    assert float(other.MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        (mask[key] & ~largest).sum() * pixel_area)
 
 
 def test_sr_anchors_an_empty_segment_and_an_image_level_finding_on_a_whole_slice(job):
@@ -522,7 +528,8 @@ def test_sr_of_a_flagged_result_says_which_quality_checks_failed(job):
     dataset = pydicom.dcmread(path)
     groups = _assert_ohif_can_draw_and_track(dataset).values()
     assert [_text(g, "121106") for g in groups] == [
-        "Lungs (QC FAILED)", "Body (QC FAILED)", "Pulmonary emphysema: Present (QC FAILED)",
+        "Lungs (1/2) (QC FAILED)", "Lungs (2/2) (QC FAILED)", "Body (QC FAILED)",
+        "Pulmonary emphysema: Present (QC FAILED)",
         "Image measurements (QC FAILED)"]
     assert dataset.SeriesDescription.startswith("QC FAILED AI: Lung CT segmentation")
     (evaluations,) = [i for i in dataset.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]

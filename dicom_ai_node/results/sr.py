@@ -2,9 +2,9 @@
 
 Every finding (one tracking UID) has one group drawn on a source image: a TID 1501 group whose
 first measurement is "INFERRED FROM" a closed POLYLINE outline on one source image.
-- per SEG segment: the outlined group (the Area of the segment's largest region on its key
-  slice), then the volumetric group (TID 1411: references the segment, holds the model's
-  measurements on it) with the same tracking UID;
+- per SEG segment: an outlined group per region of the segment on its key slice (the Area of
+  the region; e.g. both lungs), then the volumetric group (TID 1411: references the segment,
+  holds the model's measurements on it) with the tracking UID of the largest region's group;
 - per finding: its coded value and probability, outlining where the model looked (saliency
   >= half its maximum, on the key slice);
 - the measurements not tied to a segment, outlining ``ModelOutput.measurement_region``.
@@ -42,6 +42,7 @@ from model_zoo.manifest import Manifest
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 SQUARE_MM = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 MAX_OUTLINE_POINTS = 200  # OHIF draws every point; a few hundred keep the SR small and fast
+MAX_PARTS, MIN_PART = 4, 0.1  # a segment's regions outlined on its key slice: at most 4, >= 10 % of the largest
 # OHIF hydrates a group whose tracking identifier names a Cornerstone tool (an outline with its area)
 OHIF_FREEHAND_ROI = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
@@ -90,10 +91,15 @@ def build_measurement_report(
         for number, segment in enumerate(output.segments, start=1):
             spec = manifest.segment(segment.name)
             uid = tracking_uid(uid_seed, segment.name)
-            anchor = _anchor(segment.mask, volume, output.key_slices)
-            groups.append(_outlined_group(
-                uid, spec.label + qc_mark, anchor, [_area(anchor)], algorithm,
-                finding_type=spec.type.to_highdicom(), finding_category=spec.category.to_highdicom()))
+            # One outline per region (both lungs, not only the larger one); the first, the
+            # largest, carries the segment's tracking UID and so its volumetric measurements.
+            anchors = _anchors(segment.mask, volume, output.key_slices, parts=MAX_PARTS)
+            for part, anchor in enumerate(anchors, start=1):
+                label = spec.label if len(anchors) == 1 else f"{spec.label} ({part}/{len(anchors)})"
+                groups.append(_outlined_group(
+                    uid if part == 1 else common.new_uid(uid_seed, "tracking", segment.name, "part", part),
+                    label + qc_mark, anchor, [_area(anchor)], algorithm,
+                    finding_type=spec.type.to_highdicom(), finding_category=spec.category.to_highdicom()))
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=spec.label[:64]),
                 referenced_segment=_referenced_segment(segmentation, number, source_images),
@@ -112,7 +118,7 @@ def build_measurement_report(
         value = spec.values[finding.value].to_highdicom()
         # where the model looked: saliency above half its maximum
         salient = None if output.saliency is None else output.saliency >= 0.5 * float(output.saliency.max() or 1)
-        anchor = _anchor(salient, volume, output.key_slices)
+        (anchor,) = _anchors(salient, volume, output.key_slices)
         probability = hd.sr.Measurement(name=codes.DCM.Probability, value=round(100.0 * finding.probability, 3),
                                         unit=PERCENT)
         groups.append(_outlined_group(
@@ -124,7 +130,7 @@ def build_measurement_report(
             source_images=None if anchor.traced else image_references()))
 
     if image_level_measurements:
-        anchor = _anchor(output.measurement_region, volume, output.key_slices)
+        (anchor,) = _anchors(output.measurement_region, volume, output.key_slices)
         label = "Measurement region" if anchor.traced else "Image measurements"
         groups.append(_outlined_group(
             common.new_uid(uid_seed, "tracking", "image-measurements"), label + qc_mark, anchor,
@@ -195,26 +201,37 @@ def _area(anchor: Anchor) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=codes.SCT.Area, value=round(anchor.area_mm2, 3), unit=SQUARE_MM)
 
 
-def _anchor(mask: np.ndarray | None, volume: Volume, key_slices: Sequence[int]) -> Anchor:
-    """The outline of the largest region of ``mask`` on its key slice (see segment_key_slice),
-    or, for an empty or missing mask, the whole of the model's first key slice (else the middle one)."""
+def _anchors(mask: np.ndarray | None, volume: Volume, key_slices: Sequence[int], parts: int = 1) -> list[Anchor]:
+    """Outlines of the largest regions of ``mask`` on its key slice (see segment_key_slice), largest
+    first: at most ``parts``, each at least MIN_PART of the largest. For an empty or missing mask,
+    the whole of the model's first key slice (else the middle one)."""
     index = None if mask is None else segment_key_slice(mask, key_slices)
-    if index is not None:
-        region = largest_region(np.asarray(mask[index], dtype=bool))
-        points, area = region_outline(region), float(region.sum()) * volume.spacing[1] * volume.spacing[2]
-    else:
+    if index is None:
         index = next((i for i in key_slices if 0 <= i < volume.shape[0]), volume.shape[0] // 2)
         rows, columns = volume.shape[1:]
-        points, area = np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=float), 0.0
+        whole = np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=float)
+        return [Anchor(_coordinates(whole, volume, index), 0.0, traced=False)]
+    rest, regions = np.array(mask[index], dtype=bool), []
+    while rest.any() and len(regions) < parts:
+        region = largest_region(rest)
+        if regions and region.sum() < MIN_PART * regions[0].sum():
+            break
+        regions.append(region)
+        rest &= ~region
+    pixel_mm2 = volume.spacing[1] * volume.spacing[2]
+    return [Anchor(_coordinates(region_outline(region), volume, index), float(region.sum()) * pixel_mm2, traced=True)
+            for region in regions]
+
+
+def _coordinates(points: np.ndarray, volume: Volume, index: int) -> hd.sr.CoordinatesForMeasurement:
     frame = volume.source_frames[index]
     source = hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=frame.sop_class_uid,
         referenced_sop_instance_uid=frame.sop_instance_uid,
         referenced_frame_numbers=[frame.frame_number] if frame.frame_number is not None else None,
     )
-    coordinates = hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                                                  graphic_data=points, source_image=source)
-    return Anchor(coordinates, area, traced=mask is not None and area > 0)
+    return hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
+                                           source_image=source)
 
 
 def _qc_evaluations(qc_failures: Sequence[str]) -> hd.sr.ContainerContentItem:
