@@ -357,31 +357,37 @@ def _tracking_uid(group) -> str:
     return _children(group, "UIDREF", "112040")[0].UID
 
 
+FREEHAND, ARROW = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI", "Cornerstone3DTools@^0.1.0:ArrowAnnotate"
+
+
 def _assert_ohif_can_draw_and_track(sr):
     """What OHIF 3.12 needs (docs/viewer-check.md): every tracking UID has a SCOORD on an image,
-    as the only child of its group's first NUM, and that SCOORD has one SELECTED FROM image;
-    no NUM has any other child; a group naming OHIF's freehand tool starts with the Area and
-    has a Comment label; the first group of a tracking UID carries its tracking identifier."""
-    first_of_uid, drawn = {}, set()
+    in its first group (the one OHIF takes the tracking identifier from): a group-level one, or
+    the only child of the group's first NUM, with one SELECTED FROM image; no other NUM has a
+    child; a group naming OHIF's freehand tool starts with the Area of a closed outline, one
+    naming its arrow with the NUM of a point, and both have a Comment label."""
+    first_of_uid = {}
     for group in _groups(sr):
         uid = _tracking_uid(group)
-        first_of_uid.setdefault(uid, group)
+        first = first_of_uid.setdefault(uid, group) is group
         numbers = _children(group, "NUM")
         for number in numbers[1:]:
             assert "ContentSequence" not in number
-        if numbers and "ContentSequence" in numbers[0]:
-            (scoord,) = numbers[0].ContentSequence
-            assert (scoord.ValueType, scoord.RelationshipType, scoord.GraphicType) == (
-                "SCOORD", "INFERRED FROM", "POLYLINE")
+        scoords = _children(group, "SCOORD") or (numbers[0].get("ContentSequence", []) if numbers else [])
+        assert scoords or not first, "OHIF throws on a tracking UID without coordinates"
+        for scoord in scoords:
             (image,) = scoord.ContentSequence
             assert image.ValueType == "IMAGE" and len(image.ReferencedSOPSequence) == 1
             points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
-            np.testing.assert_array_equal(points[0], points[-1])  # closed
-            drawn.add(uid)
-        if _text(group, "112039") == "Cornerstone3DTools@^0.1.0:PlanarFreehandROI":
-            assert numbers[0].ConceptNameCodeSequence[0].CodeValue == "42798000"  # Area
-            assert uid in drawn and _text(group, "121106")
-    assert drawn == set(first_of_uid)
+            if scoord.GraphicType == "POLYLINE":
+                np.testing.assert_array_equal(points[0], points[-1])  # closed
+        tool = _text(group, "112039")
+        if tool in (FREEHAND, ARROW):
+            (scoord,) = numbers[0].ContentSequence
+            assert (scoord.RelationshipType, scoord.GraphicType) == (
+                "INFERRED FROM", "POLYLINE" if tool == FREEHAND else "POINT")
+            assert tool == ARROW or numbers[0].ConceptNameCodeSequence[0].CodeValue == "42798000"  # Area
+            assert first and _text(group, "121106")
     return first_of_uid
 
 
@@ -400,7 +406,7 @@ def test_sr_outlines_each_segment_in_the_shape_ohif_tracks(job):
     lung_uid = seg.SegmentSequence[0].TrackingUID
     assert _text(first_of_uid[lung_uid], "112039") == "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
     assert [_text(g, "121106") for g in _groups(pydicom.dcmread(path))] == [
-        "Lungs (1/2)", "Lungs (2/2)", None, "Body", None, "Pulmonary emphysema: Present", "Image measurements"]
+        "Lungs (1/2)", "Lungs (2/2)", None, "Body", None, "Pulmonary emphysema: Present (87 %)", "Image measurements"]
     (outlined,) = sr.content.get_image_measurement_groups(tracking_uid=lung_uid)
     (volumetric,) = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=lung_uid)
     assert volumetric.tracking_identifier == "Lungs"
@@ -457,7 +463,7 @@ def test_sr_anchors_an_empty_segment_and_an_image_level_finding_on_a_whole_slice
             == job.volume.source_frames[7].sop_instance_uid)  # the model's key slice
 
     finding = next(g for g in first_of_uid.values() if _children(g, "CODE", "87433001"))
-    assert _text(finding, "121106") == "Pulmonary emphysema: Present"
+    assert _text(finding, "121106") == "Pulmonary emphysema: Present (87 %)"
     (probability,) = _children(finding, "NUM")
     assert probability.ConceptNameCodeSequence[0].CodeMeaning == "Probability"
     assert "ContentSequence" in probability
@@ -479,38 +485,50 @@ def test_outline_of_a_large_region_is_simplified_but_stays_on_its_boundary():
                and not padded[int(y):int(y) + 2, int(x):int(x) + 2].all() for x, y in outline)
 
 
-def test_sr_outlines_where_a_classifier_looked_and_where_measurements_were_taken(job):
-    """Findings with a saliency map and measurements with a measurement region are outlined on
-    the key slice (the Area of the outlined region first, so OHIF can track them)."""
+def test_sr_points_where_a_classifier_looked_and_outlines_where_measurements_were_taken(job):
+    """A finding with a saliency map: its probability is inferred from the point of highest
+    saliency (OHIF tracks it as an arrow labelled with the finding). Measurements with a
+    measurement region: a planar ROI group (TID 1410) outlining it on the key slice, after the
+    outline's tracked Area with the same tracking UID."""
     saliency = np.zeros(job.volume.shape, dtype=np.float32)
-    saliency[4, 5:12, 6:15] = 1.0  # the model looked here
-    saliency[4, 13:16, 20:22] = 0.3  # below half the maximum: not outlined
+    saliency[4, 5:12, 6:15] = 0.8  # the model looked here ...
+    saliency[4, 7, 9] = 1.0  # ... most of all here
+    saliency[2, 3, 3] = 0.9  # a key slice with less above half the maximum
     uniform = np.zeros(job.volume.shape, dtype=bool)
     uniform[6, 10:14, 10:20] = True  # where the image-level measurement was taken
     output = ModelOutput(findings=[Finding("emphysema", "present", 0.9)],
                          measurements=[Measurement("mean_hu", -5.0, None)],
-                         saliency=saliency, measurement_region=uniform)
+                         saliency=saliency, measurement_region=uniform, key_slices=[2, 4])
     sr = build_measurement_report(job.headers, job.volume, output, lung_manifest("classification"), "cls", 301)
     path = job.save(sr, "sr.dcm")
     assert dciodvfy_errors(path) == []
-    groups = list(_assert_ohif_can_draw_and_track(pydicom.dcmread(path)).values())
-    assert [_text(g, "121106") for g in groups] == ["Pulmonary emphysema: Present", "Measurement region"]
-    assert {_text(g, "112039") for g in groups} == {"Cornerstone3DTools@^0.1.0:PlanarFreehandROI"}
+    dataset = pydicom.dcmread(path)
+    finding, outline, planar = _groups(dataset)
+    _assert_ohif_can_draw_and_track(dataset)
+    assert [_text(g, "112039") for g in (finding, outline, planar)] == [ARROW, FREEHAND, "Measurement region"]
+    assert [_text(g, "121106") for g in (finding, outline)] == ["Pulmonary emphysema: Present (90 %)", "Measurement region"]
+    assert _tracking_uid(outline) == _tracking_uid(planar)
+
+    (probability,) = _children(finding, "NUM")
+    assert float(probability.MeasuredValueSequence[0].NumericValue) == 90.0
+    point = probability.ContentSequence[0]
+    assert list(point.GraphicData) == [9.5, 7.5]  # centre of pixel (row 7, column 9)
+    assert (point.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == job.volume.source_frames[4].sop_instance_uid)
 
     sr = hd.sr.srread(path)
-    finding, measured = (sr.content.get_image_measurement_groups(tracking_uid=_tracking_uid(g))[0] for g in groups)
-    pixel_area = job.volume.spacing[1] * job.volume.spacing[2]
-    for group, index, box in ((finding, 4, (6, 5, 15, 12)), (measured, 6, (10, 10, 20, 14))):
-        area, *_ = group.get_measurements()
-        (scoord,) = area.referenced_coordinates
-        source = scoord.ContentSequence[0].ReferencedSOPSequence[0]
-        assert source.ReferencedSOPInstanceUID == job.volume.source_frames[index].sop_instance_uid
-        points = scoord.value
-        assert (points.min(axis=0).tolist(), points.max(axis=0).tolist()) == ([box[0], box[1]], [box[2], box[3]])
-        assert area.value == pytest.approx((box[2] - box[0]) * (box[3] - box[1]) * pixel_area)
-    assert "52101004" in [e.value.value for e in finding.get_qualitative_evaluations()]
-    assert [m.value for m in finding.get_measurements()][1:] == [90.0]
-    assert [m.value for m in measured.get_measurements()][1:] == [-5.0]
+    (group,) = sr.content.get_planar_roi_measurement_groups()
+    assert [m.value for m in group.get_measurements()] == [-5.0]
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        job.volume.source_frames[6].sop_instance_uid)
+    points = group.roi.value
+    assert (points.min(axis=0).tolist(), points.max(axis=0).tolist()) == ([10, 10], [20, 14])
+    (area,) = _children(outline, "NUM")
+    np.testing.assert_array_equal(np.asarray(area.ContentSequence[0].GraphicData).reshape(-1, 2), points)
+    assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        40 * job.volume.spacing[1] * job.volume.spacing[2])
+    (group,) = sr.content.get_image_measurement_groups(tracking_uid=_tracking_uid(finding))
+    assert "52101004" in [e.value.value for e in group.get_qualitative_evaluations()]
 
 
 QC_FAILURES = ["Lungs: volume 8.2 mL is below the plausible minimum 100 mL",
@@ -529,7 +547,7 @@ def test_sr_of_a_flagged_result_says_which_quality_checks_failed(job):
     groups = _assert_ohif_can_draw_and_track(dataset).values()
     assert [_text(g, "121106") for g in groups] == [
         "Lungs (1/2) (QC FAILED)", "Lungs (2/2) (QC FAILED)", "Body (QC FAILED)",
-        "Pulmonary emphysema: Present (QC FAILED)",
+        "Pulmonary emphysema: Present (87 %) (QC FAILED)",
         "Image measurements (QC FAILED)"]
     assert dataset.SeriesDescription.startswith("QC FAILED AI: Lung CT segmentation")
     (evaluations,) = [i for i in dataset.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]

@@ -1,15 +1,16 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) for a model's measurements and findings.
 
-Every finding (one tracking UID) has one group drawn on a source image: a TID 1501 group whose
-first measurement is "INFERRED FROM" a closed POLYLINE outline on one source image.
-- per SEG segment: an outlined group per region of the segment on its key slice (the Area of
-  the region; e.g. both lungs), then the volumetric group (TID 1411: references the segment,
-  holds the model's measurements on it) with the tracking UID of the largest region's group;
-- per finding: its coded value and probability, outlining where the model looked (saliency
-  >= half its maximum, on the key slice);
-- the measurements not tied to a segment, outlining ``ModelOutput.measurement_region``.
-When there is nothing to outline (empty segment, no saliency, no region) the first measurement
-refers to the whole of a representative slice instead.
+Every finding (one tracking UID) is drawn on a source image, so viewers can show it:
+- per SEG segment: the volumetric group (TID 1411: references the segment, holds the model's
+  measurements on it), preceded by a "tracked outline" per region of the segment on its key
+  slice (e.g. both lungs): a TID 1501 group whose Area is INFERRED FROM the region's closed
+  POLYLINE on the source image. The largest region's outline shares the segment's tracking UID;
+- the measurements not tied to a segment: a planar ROI group (TID 1410) outlining
+  ``ModelOutput.measurement_region`` on the key slice, preceded by its tracked outline;
+- per finding: a TID 1501 group with the coded value, whose probability is INFERRED FROM the
+  point where the model looked most (saliency maximum on the key slice).
+When there is nothing to outline or point at (empty segment, no saliency, no measurement
+region) the group's first measurement refers to the whole of a representative slice instead.
 Failed quality checks of a result sent flagged are TID 1500 "Qualitative Evaluations".
 
 Why this shape: OHIF (3.12) draws a finding only if it has an image SCOORD, and throws (a blank
@@ -17,10 +18,12 @@ SR viewport) for a tracking UID without one; it merges groups that share a track
 takes the tracking identifier of the first. It turns a group into a tracked, editable
 measurement ("hydrates" it) only if the tracking identifier names a Cornerstone tool and the
 group's first NUM has the SCOORD as its only child, with one SELECTED FROM image under it; the
-first Comment becomes the measurement's label. So an outlined group names the PlanarFreehandROI
-tool, comes first, starts with the Area, carries the human-readable label as a Comment, and no
-NUM has other children (OHIF drops a NUM with children it cannot draw). docs/viewer-check.md
-has the details. The report is UNVERIFIED and goes into the source study.
+first Comment becomes the measurement's label, and for a freehand outline the first NUM's value
+its area. So a tracked outline names the PlanarFreehandROI tool and starts with the Area, a
+finding names the ArrowAnnotate tool (a point, no area), both come first and carry the
+readable label as a Comment, and no NUM has other children (OHIF drops a NUM with children it
+cannot draw). docs/viewer-check.md has the details. The report is UNVERIFIED and goes into the
+source study.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 SQUARE_MM = hd.sr.CodedConcept("mm2", "UCUM", "square millimeter")
 MAX_OUTLINE_POINTS = 200  # OHIF draws every point; a few hundred keep the SR small and fast
 MAX_PARTS, MIN_PART = 4, 0.1  # a segment's regions outlined on its key slice: at most 4, >= 10 % of the largest
-# OHIF hydrates a group whose tracking identifier names a Cornerstone tool (an outline with its area)
-OHIF_FREEHAND_ROI = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+# OHIF hydrates a group whose tracking identifier names a Cornerstone tool
+OHIF_FREEHAND_ROI = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"  # an outline and its area
+OHIF_ARROW = "Cornerstone3DTools@^0.1.0:ArrowAnnotate"  # a point and its label
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
 PROCEDURE_BY_MODALITY = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
@@ -56,10 +60,18 @@ PROCEDURE_BY_MODALITY = {
 
 @dataclass
 class Anchor:
-    """Where a group is drawn: an outline on one source image."""
-    coordinates: hd.sr.CoordinatesForMeasurement
-    area_mm2: float  # of the outlined region; 0 for a whole-slice anchor of an empty mask
-    traced: bool  # the outline of a region (else the whole slice)
+    """Where a group is drawn: a closed outline or a point on one source image."""
+    graphic_type: hd.sr.GraphicTypeValues
+    points: np.ndarray  # (column, row) image coordinates
+    source: hd.sr.SourceImageForRegion
+    area_mm2: float  # of the outlined region; 0 for a point or the whole-slice anchor of an empty mask
+    traced: bool  # the outline of a region or the point of a saliency maximum (else the whole slice)
+
+    def coordinates(self) -> hd.sr.CoordinatesForMeasurement:
+        return hd.sr.CoordinatesForMeasurement(self.graphic_type, self.points, self.source)
+
+    def region(self) -> hd.sr.ImageRegion:
+        return hd.sr.ImageRegion(self.graphic_type, self.points, self.source)
 
 
 def build_measurement_report(
@@ -96,9 +108,9 @@ def build_measurement_report(
             anchors = _anchors(segment.mask, volume, output.key_slices, parts=MAX_PARTS)
             for part, anchor in enumerate(anchors, start=1):
                 label = spec.label if len(anchors) == 1 else f"{spec.label} ({part}/{len(anchors)})"
-                groups.append(_outlined_group(
+                groups.append(_outline_group(
                     uid if part == 1 else common.new_uid(uid_seed, "tracking", segment.name, "part", part),
-                    label + qc_mark, anchor, [_area(anchor)], algorithm,
+                    label + qc_mark, anchor, algorithm,
                     finding_type=spec.type.to_highdicom(), finding_category=spec.category.to_highdicom()))
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=spec.label[:64]),
@@ -116,27 +128,32 @@ def build_measurement_report(
         if not 0.0 <= finding.probability <= 1.0:
             raise ValueError(f"finding {finding.name!r}: probability {finding.probability} is not in 0..1")
         value = spec.values[finding.value].to_highdicom()
-        # where the model looked: saliency above half its maximum
-        salient = None if output.saliency is None else output.saliency >= 0.5 * float(output.saliency.max() or 1)
-        (anchor,) = _anchors(salient, volume, output.key_slices)
+        anchor = _saliency_peak(output.saliency, volume, output.key_slices)
+        # with the probability: OHIF shows only the label of a tracked arrow
+        label = f"{spec.concept.meaning}: {value.meaning} ({100 * finding.probability:.0f} %){qc_mark}"
         probability = hd.sr.Measurement(name=codes.DCM.Probability, value=round(100.0 * finding.probability, 3),
                                         unit=PERCENT)
-        groups.append(_outlined_group(
+        groups.append(_anchored_group(
             common.new_uid(uid_seed, "tracking", "finding", finding.name),
-            f"{spec.concept.meaning}: {value.meaning}{qc_mark}", anchor,
-            [*([_area(anchor)] if anchor.traced else []), probability], algorithm,
+            OHIF_ARROW if anchor.traced else label, label, anchor, [probability], algorithm,
             finding_type=spec.concept.to_highdicom(),
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(spec.concept.to_highdicom(), value)],
             source_images=None if anchor.traced else image_references()))
 
     if image_level_measurements:
+        uid = common.new_uid(uid_seed, "tracking", "image-measurements")
+        measurements = [_measurement(m, manifest) for m in image_level_measurements]
         (anchor,) = _anchors(output.measurement_region, volume, output.key_slices)
-        label = "Measurement region" if anchor.traced else "Image measurements"
-        groups.append(_outlined_group(
-            common.new_uid(uid_seed, "tracking", "image-measurements"), label + qc_mark, anchor,
-            [*([_area(anchor)] if anchor.traced else []),
-             *(_measurement(m, manifest) for m in image_level_measurements)], algorithm,
-            source_images=None if anchor.traced else image_references()))
+        if anchor.traced:
+            label = "Measurement region"
+            groups.append(_outline_group(uid, label + qc_mark, anchor, algorithm))
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label), referenced_region=anchor.region(),
+                algorithm_id=algorithm, measurements=measurements))
+        else:
+            label = f"Image measurements{qc_mark}"
+            groups.append(_anchored_group(uid, label, label, anchor, measurements, algorithm,
+                                          source_images=image_references()))
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(manifest),
@@ -179,26 +196,27 @@ def _referenced_segment(segmentation: Dataset, number: int, source_images: list[
     )
 
 
-def _outlined_group(uid: str, label: str, anchor: Anchor, measurements: list[hd.sr.Measurement],
-                    algorithm, **items) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group drawn on ``anchor``: its first measurement is INFERRED FROM the outline.
+def _outline_group(uid: str, label: str, anchor: Anchor, algorithm, **items) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group with the Area of the region outlined by ``anchor`` (OHIF tracks it as a
+    freehand outline); 0 mm2 on a whole slice for an empty mask (display only)."""
+    area = hd.sr.Measurement(name=codes.SCT.Area, value=round(anchor.area_mm2, 3), unit=SQUARE_MM)
+    return _anchored_group(uid, OHIF_FREEHAND_ROI if anchor.traced else label, label, anchor, [area], algorithm,
+                           **items)
 
-    A traced outline (first measurement: its Area) names OHIF's PlanarFreehandROI tool, so OHIF
-    can track it; a whole-slice anchor keeps ``label`` as the tracking identifier (display only).
-    """
+
+def _anchored_group(uid: str, identifier: str, label: str, anchor: Anchor, measurements: list[hd.sr.Measurement],
+                    algorithm, **items) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group drawn on ``anchor``: its first measurement is INFERRED FROM it (and has no
+    other child); ``label`` is the group's Comment, the label OHIF shows."""
     first, *others = measurements
     first = hd.sr.Measurement(name=first.name, value=first.value, unit=first.unit,
-                              referenced_coordinates=[anchor.coordinates])
+                              referenced_coordinates=[anchor.coordinates()])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=OHIF_FREEHAND_ROI if anchor.traced else label),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
         algorithm_id=algorithm, measurements=[first, *others], **items)
-    group[0].ContentSequence.append(hd.sr.TextContentItem(  # OHIF's label for the measurement
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
-
-
-def _area(anchor: Anchor) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=codes.SCT.Area, value=round(anchor.area_mm2, 3), unit=SQUARE_MM)
 
 
 def _anchors(mask: np.ndarray | None, volume: Volume, key_slices: Sequence[int], parts: int = 1) -> list[Anchor]:
@@ -207,10 +225,7 @@ def _anchors(mask: np.ndarray | None, volume: Volume, key_slices: Sequence[int],
     the whole of the model's first key slice (else the middle one)."""
     index = None if mask is None else segment_key_slice(mask, key_slices)
     if index is None:
-        index = next((i for i in key_slices if 0 <= i < volume.shape[0]), volume.shape[0] // 2)
-        rows, columns = volume.shape[1:]
-        whole = np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=float)
-        return [Anchor(_coordinates(whole, volume, index), 0.0, traced=False)]
+        return [_whole_slice(volume, key_slices)]
     rest, regions = np.array(mask[index], dtype=bool), []
     while rest.any() and len(regions) < parts:
         region = largest_region(rest)
@@ -219,19 +234,37 @@ def _anchors(mask: np.ndarray | None, volume: Volume, key_slices: Sequence[int],
         regions.append(region)
         rest &= ~region
     pixel_mm2 = volume.spacing[1] * volume.spacing[2]
-    return [Anchor(_coordinates(region_outline(region), volume, index), float(region.sum()) * pixel_mm2, traced=True)
-            for region in regions]
+    return [Anchor(hd.sr.GraphicTypeValues.POLYLINE, region_outline(region), _source(volume, index),
+                   float(region.sum()) * pixel_mm2, traced=True) for region in regions]
 
 
-def _coordinates(points: np.ndarray, volume: Volume, index: int) -> hd.sr.CoordinatesForMeasurement:
+def _saliency_peak(saliency: np.ndarray | None, volume: Volume, key_slices: Sequence[int]) -> Anchor:
+    """The centre of the pixel where the saliency is highest, on the key slice where most of it
+    is above half its maximum; the whole slice without saliency."""
+    peak = 0.0 if saliency is None else float(saliency.max())
+    index = None if peak <= 0 else segment_key_slice(saliency >= 0.5 * peak, key_slices)
+    if index is None:
+        return _whole_slice(volume, key_slices)
+    row, column = np.unravel_index(int(np.argmax(saliency[index])), saliency.shape[1:])
+    return Anchor(hd.sr.GraphicTypeValues.POINT, np.array([[column + 0.5, row + 0.5]]), _source(volume, index),
+                  0.0, traced=True)
+
+
+def _whole_slice(volume: Volume, key_slices: Sequence[int]) -> Anchor:
+    """The whole of the model's first key slice, else of the middle slice."""
+    index = next((i for i in key_slices if 0 <= i < volume.shape[0]), volume.shape[0] // 2)
+    rows, columns = volume.shape[1:]
+    whole = np.array([[0, 0], [columns, 0], [columns, rows], [0, rows], [0, 0]], dtype=float)
+    return Anchor(hd.sr.GraphicTypeValues.POLYLINE, whole, _source(volume, index), 0.0, traced=False)
+
+
+def _source(volume: Volume, index: int) -> hd.sr.SourceImageForRegion:
     frame = volume.source_frames[index]
-    source = hd.sr.SourceImageForRegion(
+    return hd.sr.SourceImageForRegion(
         referenced_sop_class_uid=frame.sop_class_uid,
         referenced_sop_instance_uid=frame.sop_instance_uid,
         referenced_frame_numbers=[frame.frame_number] if frame.frame_number is not None else None,
     )
-    return hd.sr.CoordinatesForMeasurement(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
-                                           source_image=source)
 
 
 def _qc_evaluations(qc_failures: Sequence[str]) -> hd.sr.ContainerContentItem:
