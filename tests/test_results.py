@@ -506,7 +506,8 @@ def test_sr_points_where_a_classifier_looked_and_outlines_where_measurements_wer
     finding, outline, planar = _groups(dataset)
     _assert_ohif_can_draw_and_track(dataset)
     assert [_text(g, "112039") for g in (finding, outline, planar)] == [ARROW, FREEHAND, "Measurement region"]
-    assert [_text(g, "121106") for g in (finding, outline)] == ["Pulmonary emphysema: Present (90 %)", "Measurement region"]
+    assert [_text(g, "121106") for g in (finding, outline)] == [
+        "Pulmonary emphysema: Present (90 %)", "Measurement region"]
     assert _tracking_uid(outline) == _tracking_uid(planar)
 
     (probability,) = _children(finding, "NUM")
@@ -552,7 +553,8 @@ def test_sr_of_a_flagged_result_says_which_quality_checks_failed(job):
     assert dataset.SeriesDescription.startswith("QC FAILED AI: Lung CT segmentation")
     (evaluations,) = [i for i in dataset.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
     assert [(i.ValueType, i.ConceptNameCodeSequence[0].CodeMeaning, i.TextValue)
-            for i in evaluations.ContentSequence] == [("TEXT", "Quality Finding", f"QC FAILED: {r}") for r in QC_FAILURES]
+            for i in evaluations.ContentSequence] == [
+        ("TEXT", "Quality Finding", f"QC FAILED: {r}") for r in QC_FAILURES]
     assert (dataset.CompletionFlag, dataset.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     assert len(hd.sr.srread(path).content.get_volumetric_roi_measurement_groups()) == 2
 

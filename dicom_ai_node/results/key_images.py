@@ -72,7 +72,8 @@ def build_key_images(
                                     orientation_letters(volume.column_direction)]
         image.BurnedInAnnotation = "YES"
         image.ConversionType = "WSD"  # workstation
-        image.ImageComments = "; ".join([common.DISCLAIMER, *(f"{common.QC_FAILED}: {r}" for r in qc_failures)])[:10240]
+        image.ImageComments = "; ".join([common.DISCLAIMER,
+                                         *(f"{common.QC_FAILED}: {r}" for r in qc_failures)])[:10240]
         image.DerivationDescription = f"Slice {index + 1} of {volume.shape[0]} with {manifest.algorithm_name} result"[:1024]
         image.SourceImageSequence = [_source_reference(frame)]
         common.copy_clinical_context(image, source)

@@ -148,8 +148,8 @@ def build_measurement_report(
             label = "Measurement region"
             groups.append(_outline_group(uid, label + qc_mark, anchor, algorithm))
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label), referenced_region=anchor.region(),
-                algorithm_id=algorithm, measurements=measurements))
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=label),
+                referenced_region=anchor.region(), algorithm_id=algorithm, measurements=measurements))
         else:
             label = f"Image measurements{qc_mark}"
             groups.append(_anchored_group(uid, label, label, anchor, measurements, algorithm,
@@ -196,7 +196,8 @@ def _referenced_segment(segmentation: Dataset, number: int, source_images: list[
     )
 
 
-def _outline_group(uid: str, label: str, anchor: Anchor, algorithm, **items) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _outline_group(uid: str, label: str, anchor: Anchor, algorithm,
+                   **items) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group with the Area of the region outlined by ``anchor`` (OHIF tracks it as a
     freehand outline); 0 mm2 on a whole slice for an empty mask (display only)."""
     area = hd.sr.Measurement(name=codes.SCT.Area, value=round(anchor.area_mm2, 3), unit=SQUARE_MM)
