@@ -35,6 +35,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from scipy import ndimage as ndi
 
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.results import common
@@ -227,13 +228,8 @@ def _anchors(mask: np.ndarray | None, volume: Volume, key_slices: Sequence[int],
     index = None if mask is None else segment_key_slice(mask, key_slices)
     if index is None:
         return [_whole_slice(volume, key_slices)]
-    rest, regions = np.array(mask[index], dtype=bool), []
-    while rest.any() and len(regions) < parts:
-        region = largest_region(rest)
-        if regions and region.sum() < MIN_PART * regions[0].sum():
-            break
-        regions.append(region)
-        rest &= ~region
+    regions = regions_by_size(mask[index])[:parts]
+    regions = [r for r in regions if r.sum() >= MIN_PART * regions[0].sum()]
     pixel_mm2 = volume.spacing[1] * volume.spacing[2]
     return [Anchor(hd.sr.GraphicTypeValues.POLYLINE, region_outline(region), _source(volume, index),
                    float(region.sum()) * pixel_mm2, traced=True) for region in regions]
@@ -292,47 +288,15 @@ def segment_key_slice(mask: np.ndarray, key_slices: Sequence[int] = ()) -> int |
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a 2D mask (the first in raster order on a tie).
+    """The largest 4-connected region of a 2D mask (the first in raster order on a tie)."""
+    return regions_by_size(mask)[0] if np.any(mask) else np.zeros(np.shape(mask), dtype=bool)
 
-    Works on runs of set pixels along each row (a few thousand on a CT slice) with a
-    union-find, not pixel by pixel: a lung slice takes milliseconds instead of a quarter second.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
-    padded[:, 1:-1] = mask
-    edges = np.diff(padded, axis=1)
-    run_rows, run_starts = np.nonzero(edges == 1)
-    _, run_ends = np.nonzero(edges == -1)  # exclusive; same row-major order as the starts
-    if len(run_rows) == 0:
-        return np.zeros(mask.shape, dtype=bool)
-    parent = list(range(len(run_rows)))
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first_of_row = np.searchsorted(run_rows, np.arange(mask.shape[0] + 1))
-    for row in range(1, mask.shape[0]):
-        above, above_end = first_of_row[row - 1], first_of_row[row]
-        current, current_end = first_of_row[row], first_of_row[row + 1]
-        while above < above_end and current < current_end:
-            if run_starts[above] < run_ends[current] and run_starts[current] < run_ends[above]:
-                a, b = root(above), root(current)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)  # the root stays the earliest run: raster order
-            if run_ends[above] < run_ends[current]:
-                above += 1
-            else:
-                current += 1
-    roots = np.array([root(i) for i in range(len(run_rows))])
-    sizes = np.bincount(roots, weights=run_ends - run_starts)
-    best = int(np.argmax(sizes))  # the smallest root on a tie: the region met first in raster order
-    region = np.zeros(mask.shape, dtype=bool)
-    for i in np.flatnonzero(roots == best):
-        region[run_rows[i], run_starts[i]:run_ends[i]] = True
-    return region
+def regions_by_size(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected regions of a 2D mask, largest first (raster order on a tie)."""
+    labels, count = ndi.label(np.asarray(mask, dtype=bool))  # labels are numbered in raster order
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    return [labels == int(i) + 1 for i in np.argsort(-sizes, kind="stable")]
 
 
 # Directions in image coordinates (x = column, y = row, y pointing down), clockwise order.
