@@ -60,7 +60,7 @@ def one(model_name: str, case: str, threads: int, slices: int) -> dict:
 
     torch.set_num_threads(threads)
     from dicom_ai_node.models import ModelRegistry
-    from model_zoo.lung_ct_seg.data import DEFAULT_DATA, TOTALSEG, load_nifti, volume_from_array
+    from model_zoo.ct_data import DEFAULT_DATA, TOTALSEG, load_nifti, volume_from_array
 
     if case == "synthetic":
         pixels, spacing = synthetic_ct(slices)

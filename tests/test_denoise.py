@@ -138,9 +138,9 @@ def test_uniform_region_avoids_edges():
 @requires_shared_data
 def test_denoiser_on_held_out_real_ct(denoiser):
     """Real CT the model never saw (patient A), one slice band, simulated low dose."""
-    from model_zoo.lung_ct_seg.data import EVAL_CT, load_nifti
+    from model_zoo.ct_data import TOTALSEG_ABDOMEN, load_nifti
 
-    full, spacing = load_nifti(SHARED_DATA / EVAL_CT)
+    full, spacing = load_nifti(SHARED_DATA / TOTALSEG_ABDOMEN)
     full = full[50:58]
     rng = np.random.default_rng(3)
     low = np.stack([simulate_low_dose(s, spacing[1], 1e5, rng) for s in full])

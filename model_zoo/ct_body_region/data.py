@@ -8,7 +8,7 @@ Per-slice labels, all from real CT, nothing downloaded:
   pelvis = from the top of the hip bones (iliac crest) down; slices with both lung and
   upper-abdominal organs (the diaphragm dome) are left out as ambiguous.
 * patient B, the two TotalSegmentator chest CTA crops: chest = slices whose classical lung
-  mask (lung_ct_seg.data.classical_lung_labels) covers >= 3% of the slice; abdomen = no lung
+  mask (lung_ct_seg.data.classical_lung_reference) covers >= 3% of the slice; abdomen = no lung
   at all; in between left out.
 * head: the VTK "headsq" head CT (93 slices, 3.2 x 3.2 x 1.5 mm, stored value - 1024 = HU).
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model_zoo.lung_ct_seg.data import DEFAULT_DATA, TOTALSEG, TRAIN_CASES, classical_lung_labels, load_nifti
+from model_zoo.ct_data import DEFAULT_DATA, TOTALSEG, TOTALSEG_CTA_CROPS, load_nifti
+from model_zoo.lung_ct_seg.data import classical_lung_reference
 
 HEADSQ = Path("ct_volumes/pyvista__vtk-data/Data/headsq")
 LUNG = (10, 11, 12, 13, 14)
@@ -72,9 +73,9 @@ def patient_a(data: Path = DEFAULT_DATA):
 
 def patient_b(data: Path = DEFAULT_DATA):
     cases = []
-    for relative in TRAIN_CASES:
+    for relative in TOTALSEG_CTA_CROPS:
         pixels, spacing = load_nifti(data / relative)
-        lung = classical_lung_labels(pixels, float(np.prod(spacing)) / 1000)
+        lung = classical_lung_reference(pixels, spacing, outside_edges=("anterior",))
         fraction = lung.mean(axis=(1, 2))
         region = np.full(len(pixels), -1)
         region[fraction >= 0.03] = 1

@@ -23,7 +23,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from model_zoo.ct_denoise.model import CTDenoiser, find_uniform_region
 from model_zoo.ct_denoise.noise import simulate_low_dose
-from model_zoo.lung_ct_seg.data import DEFAULT_DATA, EVAL_CT, load_nifti
+from model_zoo.ct_data import DEFAULT_DATA, TOTALSEG_ABDOMEN, load_nifti
 from model_zoo.manifest import load_manifest
 from pathlib import Path
 
@@ -58,14 +58,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.time()
-    full, spacing = load_nifti(args.data / EVAL_CT)
+    full, spacing = load_nifti(args.data / TOTALSEG_ABDOMEN)
     model = CTDenoiser(load_manifest(Path(__file__).parent / "model.toml"), "cpu")
     regions = []
     for s in range(full.shape[0]):
         region = find_uniform_region(full[s:s + 1], spacing[1])
         if region is not None:
             regions.append((s, *region[1:]))
-    print(f"held-out volume {EVAL_CT.name}: {full.shape} at {spacing} mm; {len(regions)} slices with a "
+    print(f"held-out volume {TOTALSEG_ABDOMEN.name}: {full.shape} at {spacing} mm; {len(regions)} slices with a "
           f"uniform soft-tissue square ({regions[0][3]} px = {regions[0][3] * spacing[1]:.0f} mm)")
     print(f"full-dose reference: noise SD {noise_sd(full, regions):.1f} HU")
     rows = []

@@ -20,7 +20,7 @@ import torch
 
 from model_zoo.ct_denoise.model import SCALE, Residual, build_network, to_input
 from model_zoo.ct_denoise.noise import simulate_low_dose
-from model_zoo.lung_ct_seg.data import DEFAULT_DATA, TRAIN_CASES, load_nifti
+from model_zoo.ct_data import DEFAULT_DATA, TOTALSEG_CTA_CROPS, load_nifti
 
 HERE = Path(__file__).resolve().parent
 PATCH = 48
@@ -31,7 +31,7 @@ def make_pairs(data: Path, rng: np.random.Generator):
     """Each slice at its own 1.5 mm pixels and, area-downsampled 2x, at 3 mm (clinical pixel
     sizes span ~0.5-1 mm for 512 matrices and more for large fields of view or thick reformats)."""
     noisy, clean = [], []
-    for relative in TRAIN_CASES:
+    for relative in TOTALSEG_CTA_CROPS:
         pixels, spacing = load_nifti(data / relative)
         coarse = torch.nn.functional.avg_pool2d(torch.from_numpy(pixels)[:, None], 2)[:, 0].numpy()
         for stack, pixel_mm in ((pixels, spacing[1]), (coarse, 2 * spacing[1])):
