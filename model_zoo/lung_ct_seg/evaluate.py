@@ -1,78 +1,127 @@
-"""Metrics for MODEL_CARD.md, on real CT never used for training.
+"""The lung model on every real chest CT case, and on field-of-view stress crops of each.
 
     .venv/bin/python -m model_zoo.lung_ct_seg.evaluate [--data ../shared/data] [--speed]
+        [--weights PATH] [--cases NAME ...]
 
-1. TotalSegmentator example_ct.nii.gz (abdomen + lung bases, 3 mm) against TotalSegmentator's
-   own lung lobe labels (example_seg_fast_force_split.nii.gz, labels 10-14 merged): Dice,
-   volume error, and the measurements taken on our mask vs on the reference mask.
-2. JoHof/lungmask test slice (LIDC-IDRI chest CT, one 512x512 slice): lung area of our mask vs
-   the area lungmask's R231 model produces on it (64752 + 36536 pixels over its two identical
-   slices, asserted in lungmask's tests/test_mask.py). Area only: no mask is published.
-   The slice is stacked 24 times at 1 mm to make a volume, which is unlike any real scan.
-3. --speed: wall time of predict() on a synthetic 400 x 512 x 512 CT at 0.7 x 0.7 x 1 mm.
+One line per case and per crop (data.CASES, data.STRESS_CROPS): Dice against the case's
+reference and the volume error. Every case is segmented by a model that never saw its patient:
+the shipped weights.pt when its patient was not in the shipped training set (weights.json
+lists those patients), else the cross-validation weights ``folds/without_<patient>.pt`` that
+train.py made with ``--exclude <patient>``. ``--weights`` evaluates one weights file on all
+cases instead (development). The LIDC slice also gets lungmask R231's published area.
+A crop left with fewer slices than the model accepts (model.toml min_slices) is reported
+as such, not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model_zoo.lung_ct_seg.data import DEFAULT_DATA, load_eval_case, volume_from_array
-from model_zoo.registry import find_manifests, load_model
+from model_zoo.ct_data import volume_from_array
+from model_zoo.lung_ct_seg.data import CASES, DEFAULT_DATA, STRESS_CROPS, load_case, stress_crop
+from model_zoo.manifest import load_manifest
 
-LUNGMASK_SLICE = Path("ct_volumes/JoHof__lungmask/tests/testdata/0.dcm")
-LUNGMASK_R231_PIXELS_PER_SLICE = (64752 + 36536) / 2
+HERE = Path(__file__).resolve().parent
+LUNGMASK_R231_PIXELS_PER_SLICE = (64752 + 36536) / 2  # lungmask tests/test_mask.py, two identical slices
+IN_PLANE_CROPS_ONLY = {"lidc_slice"}  # one slice stacked: cutting slices off means nothing
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
-    return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
+    return float(2 * np.logical_and(a, b).sum() / total) if total else float("nan")
 
 
-def measure(mask, pixels, voxel_ml):
-    values = pixels[mask]
-    return {"volume_ml": mask.sum() * voxel_ml, "mean_hu": float(values.mean()),
-            "laa950_pct": float(100 * (values < -950).mean())}
+def model_with(weights: Path):
+    from model_zoo.lung_ct_seg.model import LungSegmentation
+
+    model = LungSegmentation(load_manifest(HERE / "model.toml"))
+    model.network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model
 
 
-def evaluate_totalsegmentator(model, data: Path) -> dict:
-    pixels, spacing, reference = load_eval_case(data)
-    volume = volume_from_array(pixels, spacing)
-    started = time.time()
-    output = model.predict(volume)
-    seconds = time.time() - started
-    mask = output.segments[0].mask
-    ours, ref = measure(mask, pixels, volume.voxel_volume_ml), measure(reference, pixels, volume.voxel_volume_ml)
-    return {
-        "case": "TotalSegmentator example_ct (3 mm, 112 slices)",
-        "dice": dice(mask, reference),
-        "volume_ml": ours["volume_ml"], "reference_volume_ml": ref["volume_ml"],
-        "volume_error_pct": 100 * (ours["volume_ml"] - ref["volume_ml"]) / ref["volume_ml"],
-        "mean_hu": ours["mean_hu"], "reference_mean_hu": ref["mean_hu"],
-        "laa950_pct": ours["laa950_pct"], "reference_laa950_pct": ref["laa950_pct"],
-        "false_positive_ml_outside_reference_slices":
-            mask[~reference.any(axis=(1, 2))].sum() * volume.voxel_volume_ml,
-        "seconds": seconds,
-    }
+def weights_for(patient: str) -> Path:
+    """The weights that never saw ``patient``: the shipped ones, else its fold's."""
+    trained_on = json.loads((HERE / "weights.json").read_text())["patients"]
+    if patient not in trained_on:
+        return HERE / "weights.pt"
+    fold = HERE / "folds" / f"without_{patient}.pt"
+    if not fold.is_file():
+        raise FileNotFoundError(f"{fold}: the shipped model saw {patient}; train its fold with "
+                                f"python -m model_zoo.lung_ct_seg.train --exclude {patient} --out {fold}")
+    return fold
 
 
-def evaluate_lungmask_slice(model, data: Path) -> dict:
-    import pydicom
+def evaluate_case(model, name: str, data: Path, min_slices: int) -> list[dict]:
+    pixels, spacing, reference = load_case(name, data)
+    voxel_ml = float(np.prod(spacing)) / 1000
+    rows = []
+    for crop in ("full", *STRESS_CROPS):
+        if crop != "full" and name in IN_PLANE_CROPS_ONLY and crop.endswith("_half"):
+            continue
+        box = (slice(None),) * 3 if crop == "full" else stress_crop(crop, reference)
+        image, truth = np.ascontiguousarray(pixels[box]), reference[box]
+        row = {"case": name, "crop": crop, "shape": image.shape, "reference_ml": truth.sum() * voxel_ml}
+        if image.shape[0] < min_slices:
+            rows.append({**row, "note": f"{image.shape[0]} slices: below the model's minimum of {min_slices}"})
+            continue
+        started = time.perf_counter()
+        mask = model.predict(volume_from_array(image, spacing)).segments[0].mask
+        row.update(seconds=time.perf_counter() - started, dice=dice(mask, truth), predicted_ml=mask.sum() * voxel_ml)
+        row["volume_error_pct"] = 100 * (row["predicted_ml"] - row["reference_ml"]) / row["reference_ml"]
+        if name == "lidc_slice":
+            area = float(mask[mask.shape[0] // 2].sum())
+            row["note"] = (f"middle slice {area:.0f} px; lungmask R231 {LUNGMASK_R231_PIXELS_PER_SLICE:.0f} px "
+                           f"({100 * (area - LUNGMASK_R231_PIXELS_PER_SLICE) / LUNGMASK_R231_PIXELS_PER_SLICE:+.1f} %)"
+                           if crop == "full" else "")
+        rows.append(row)
+    return rows
 
-    ds = pydicom.dcmread(data / LUNGMASK_SLICE)
-    hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(
-        getattr(ds, "RescaleIntercept", 0))
-    row_mm, col_mm = (float(v) for v in ds.PixelSpacing)
-    pixels = np.repeat(hu[None], 24, axis=0)
-    output = model.predict(volume_from_array(pixels, (1.0, row_mm, col_mm)))
-    area = float(output.segments[0].mask[12].sum())
-    return {"case": "JoHof/lungmask LIDC slice (stacked x24)", "area_pixels": area,
-            "lungmask_r231_area_pixels": LUNGMASK_R231_PIXELS_PER_SLICE,
-            "area_error_pct": 100 * (area - LUNGMASK_R231_PIXELS_PER_SLICE) / LUNGMASK_R231_PIXELS_PER_SLICE}
+
+def markdown(rows: list[dict], weights_of: dict[str, str]) -> str:
+    lines = ["| case | crop | weights | slices x rows x cols | reference mL | predicted mL | volume error | Dice |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        shape = " x ".join(str(n) for n in row["shape"])
+        if "dice" not in row:
+            lines.append(f"| {row['case']} | {row['crop']} | | {shape} | {row['reference_ml']:.0f} | – | – | "
+                         f"n/a: {row['note']} |")
+            continue
+        flag = "" if row["dice"] >= 0.95 else " **(< 0.95)**"
+        note = f" ({row['note']})" if row.get("note") else ""
+        lines.append(f"| {row['case']} | {row['crop']} | {weights_of[row['case']]} | {shape} | "
+                     f"{row['reference_ml']:.0f} | {row['predicted_ml']:.0f} | {row['volume_error_pct']:+.1f} % | "
+                     f"{row['dice']:.3f}{flag}{note} |")
+    return "\n".join(lines)
+
+
+def reference_picture(name: str, data: Path, path: Path, tiles: int = 6, size: int = 200) -> None:
+    """A PNG of a case's reference over its slices (lung window), to check the reference by eye:
+    ``tiles`` axial slices evenly spread over the lungs plus one coronal slice."""
+    from PIL import Image
+
+    pixels, spacing, reference = load_case(name, data)
+    def tile(image, mask, height):
+        grey = np.clip((image + 1000) / 1400 * 255, 0, 255).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+        rgb[mask] = rgb[mask] * 0.5 + np.array([0, 120, 255]) * 0.5
+        return Image.fromarray(rgb.astype(np.uint8)).resize((size, height))
+
+    lung_slices = np.nonzero(reference.any(axis=(1, 2)))[0]
+    picks = np.linspace(lung_slices[0], lung_slices[-1], tiles + 2)[1:-1].astype(int)
+    images = [tile(pixels[z], reference[z], size) for z in picks]
+    row = int(np.nonzero(reference.any(axis=(0, 2)))[0].mean())
+    coronal_height = int(size * pixels.shape[0] * spacing[0] / (pixels.shape[2] * spacing[2]))
+    images.append(tile(pixels[::-1, row], reference[::-1, row], coronal_height))
+    sheet = Image.new("RGB", (size * len(images), max(size, coronal_height)))
+    for i, image in enumerate(images):
+        sheet.paste(image, (i * size, 0))
+    sheet.quantize(128).save(path, optimize=True)  # a palette keeps the file small
 
 
 def speed(model) -> dict:
@@ -85,24 +134,41 @@ def speed(model) -> dict:
     pixels += rng.normal(0, 20, pixels.shape[1:]).astype(np.float32)  # cheap noise, same per slice
     volume = volume_from_array(pixels, (1.0, 0.7, 0.7))
     model.predict(volume)  # warm-up
-    started = time.time()
+    started = time.perf_counter()
     model.predict(volume)
-    return {"case": "synthetic 400x512x512", "seconds": time.time() - started, "threads": torch.get_num_threads()}
+    return {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--weights", type=Path, help="evaluate this weights file on every case")
+    parser.add_argument("--cases", nargs="*", default=[case.name for case in CASES])
     parser.add_argument("--speed", action="store_true", help="also time a 400-slice 512x512 CT")
+    parser.add_argument("--pictures", type=Path, help="write a PNG of each classical reference into this folder")
     args = parser.parse_args(argv)
-    model = load_model(find_manifests()["lung_ct_seg"])
-    results = [evaluate_totalsegmentator(model, args.data), evaluate_lungmask_slice(model, args.data)]
+    if args.pictures:
+        args.pictures.mkdir(parents=True, exist_ok=True)
+        for case in CASES:
+            if case.reference.startswith("classical") and case.name in args.cases:
+                reference_picture(case.name, args.data, args.pictures / f"reference_{case.name}.png")
+    min_slices = load_manifest(HERE / "model.toml").input.min_slices
+    rows, weights_of, models = [], {}, {}
+    for case in CASES:
+        if case.name not in args.cases:
+            continue
+        weights = args.weights or weights_for(case.patient)
+        if weights not in models:
+            models[weights] = model_with(weights)
+        weights_of[case.name] = weights.name
+        for row in evaluate_case(models[weights], case.name, args.data, min_slices):
+            rows.append(row)
+            score = f"Dice {row['dice']:.3f}, {row['volume_error_pct']:+.1f} %" if "dice" in row else row["note"]
+            print(f"{row['case']:20s} {row['crop']:11s} {score}", flush=True)
+    print()
+    print(markdown(rows, weights_of))
     if args.speed:
-        results.append(speed(model))
-    for result in results:
-        print(result.pop("case"))
-        for key, value in result.items():
-            print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+        print(f"\nspeed: {speed(model_with(HERE / 'weights.pt'))}")
 
 
 if __name__ == "__main__":

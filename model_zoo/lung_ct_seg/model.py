@@ -1,19 +1,22 @@
-"""3D CT lung segmentation: a small MONAI UNet run on a coarse 2.5 mm grid.
+"""3D CT lung segmentation: a small MONAI UNet decides *which* air is lung on a coarse 2.5 mm
+grid; the lung border is then placed on the input grid from the HU values.
 
 Pipeline (``LungSegmentation.predict``):
 
-1. Downsample the HU volume to ~2.5 mm voxels with area averaging (anti-aliased, memory
-   bounded by the output), clip and scale HU to about [-1, 1].
-2. Run the UNet with ``sliding_window_inference`` over fixed-size windows, so memory stays
-   bounded whatever the number of slices.
-3. Zero the probability in air outside the patient (classical guard, see ``outside_air``), drop
-   connected components whose bulk lies below (inferior to) another large component (colon or
-   stomach gas under the lung bases, see ``keep_lung_components``; uses the volume's slice
-   direction), keep the largest remaining component(s) (left and right lungs may be separate
-   components), zero the rest.
-4. Upsample the probability back onto the input grid exactly (trilinear, half-voxel-centred
-   geometry that inverts the area downsampling), slab by slab, threshold at 0.5, and compute the
-   measurements on the original HU values in the same pass.
+1. Downsample the HU volume to ~2.5 mm voxels (area averaging), turn it so that slices run to
+   the head, rows to the back and columns to the patient's left (the orientation the network
+   was trained in), pad every side by replicating the edge voxels (an image edge looks the same
+   in training and here, whether it cuts through air, the body or a lung), clip and scale HU.
+2. Run the UNet with ``sliding_window_inference`` over fixed-size windows (memory bounded
+   whatever the slice count).
+3. Choose the lung components (``keep_lung_components``, scipy.ndimage labels): those the
+   network is sure of, minus any whose bulk lies below a sure one (gas in the bowel or stomach
+   under the lung bases), grown into the less sure lung around them. No rule looks at the image
+   edge: on a cropped field of view the lungs touch it.
+4. Back on the input grid, slab by slab (``refine_on_input_grid``): a voxel is lung where the
+   upsampled probability is high, or where it is at least low and the voxel is air-like
+   (< -400 HU), so the border follows the real lung edge instead of the 2.5 mm grid; vessels
+   (holes up to 3 cm2 within a slice) are filled. The measurements are taken in the same pass.
 """
 
 from __future__ import annotations
@@ -25,14 +28,24 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
+from scipy import ndimage as ndi
 
 from model_zoo.base import Measurement, ModelOutput, SegmentMask, with_weights
 
 TARGET_SPACING_MM = 2.5
 HU_LOW, HU_HIGH = -1000.0, 500.0
+AIR_HU = -400.0  # lung parenchyma (about -850) and air lie below, soft tissue (about +40) above
 EMPHYSEMA_HU = -950.0
 ROI = (64, 160, 160)  # sliding-window size in coarse voxels (160 mm x 400 mm x 400 mm)
-SLAB = 32  # input slices upsampled at a time when going back to the input grid
+PAD = 8  # coarse voxels of replicated edge around the volume (20 mm), as in training
+CONFIDENT = 0.9  # mean probability of a component the network is sure is lung
+MIN_SHARE = 0.01  # a sure component smaller than this share of the largest is left out
+LOW = 0.3  # kept components grow into the connected region above this probability
+CORE, BORDER = 0.9, 0.1  # probability: lung whatever the HU / lung when also air-like
+MAX_VESSEL_MM2 = 300.0  # in-slice holes up to this area inside the lung are vessels: filled
+SLAB = 32  # input slices refined at a time on the input grid
+IN_PLANE = np.zeros((3, 3, 3), bool)  # 4-connectivity within a slice, nothing across slices
+IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
 
 
 def build_network() -> torch.nn.Module:
@@ -59,6 +72,88 @@ def downsample(pixels: np.ndarray, spacing) -> torch.Tensor:
     return F.interpolate(source, size=size, mode="area")
 
 
+def pad_edges(hu: torch.Tensor, minimum=ROI, margin: int = PAD) -> tuple[torch.Tensor, tuple]:
+    """Replicate-pad a (1, 1, d, h, w) tensor by ``margin`` on every side and up to ``minimum``;
+    also returns the slices that cut the original back out."""
+    pads, box = [], []
+    for n, low in zip(hu.shape[2:], minimum):
+        extra = max(0, low - n - 2 * margin)
+        before, after = margin + extra // 2, margin + extra - extra // 2
+        pads.append((before, after))
+        box.append(slice(before, before + n))
+    flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last axis first
+    return F.pad(hu, flat, mode="replicate"), tuple(box)
+
+
+def canonical_flips(volume) -> tuple[int, ...]:
+    """Axes (0 slices, 1 rows, 2 columns) to flip so that slices run to the head, rows to the
+    back and columns to the patient's left (LPS +z, +y, +x), as in training. An axis whose
+    direction is not mostly along one of those (oblique) is left as it is."""
+    flips = []
+    for axis, (direction, lps) in enumerate(((volume.slice_direction, 2), (volume.column_direction, 1),
+                                             (volume.row_direction, 0))):
+        component = float(np.asarray(direction, float)[lps]) if direction is not None else 1.0
+        if component < -0.5:
+            flips.append(axis)
+    return tuple(flips)
+
+
+def keep_lung_components(probability: np.ndarray, voxel_ml: float, confident: float = CONFIDENT,
+                         min_share: float = MIN_SHARE, min_ml: float = 20.0, min_fraction: float = 0.1,
+                         low: float = LOW) -> np.ndarray:
+    """The lung among the connected components of ``probability > 0.5`` (axis 0 towards the head).
+
+    1. Only components the network is sure of count: mean probability >= ``confident``. Air
+       outside the body, under the table, between the shoulders, in the bowel or the trachea
+       that the network half-believes is lung scores lower (see the model card).
+    2. Inferior rule: a component B is dropped when its centroid lies below the lowest slice of
+       another sure component A of at least ``min_ml`` and ``min_fraction`` of B's size. Lungs
+       sit on the diaphragm, so gas in the bowel or stomach has its bulk below the lung bases,
+       even when it is larger than the lungs (a scan of the lung bases). Left and right lung
+       overlap in height, so neither drops the other.
+    3. Of the rest, every component of at least ``min_share`` of the largest one: left and
+       right lung, and the pieces of a lung that a cropped field of view or a tumour cuts apart.
+    4. Hysteresis: the kept components grow into the connected region of probability > ``low``
+       around them (lung the network is less sure of, e.g. dependent lung next to a cut edge).
+    An empty result when nothing is sure: the quality check then holds it, not a wrong mask.
+    """
+    mask = probability > 0.5
+    labels, count = ndi.label(mask)
+    if count == 0:
+        return mask
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    sure = np.asarray(ndi.mean(probability, labels, index)) >= confident
+    centroid = np.asarray(ndi.center_of_mass(mask, labels, index))[:, 0]
+    lowest = np.array([found[0].start for found in ndi.find_objects(labels)])
+    big = sure & (sizes * voxel_ml >= min_ml)
+    alive = sure.copy()
+    for b in np.flatnonzero(sure):
+        above = big & (index != b + 1) & (sizes >= min_fraction * sizes[b])
+        alive[b] = not np.any(centroid[b] < lowest[above])
+    if not alive.any():
+        return np.zeros_like(mask)
+    keep = np.isin(labels, index[alive & (sizes >= min_share * sizes[alive].max())])
+    grown, _ = ndi.label(probability > low)
+    touched = np.unique(grown[keep])
+    return np.isin(grown, touched[touched > 0])
+
+
+def fill_small_holes(mask: np.ndarray, spacing, max_area_mm2: float = MAX_VESSEL_MM2) -> np.ndarray:
+    """``mask`` with its holes within a slice of at most ``max_area_mm2`` filled: vessels inside
+    the lung (the heart between two lungs that meet in front and behind is a far bigger hole).
+    A hole is a component of the background (per slice) that does not touch the slice border."""
+    background, count = ndi.label(~mask, structure=IN_PLANE)
+    if count == 0:
+        return mask
+    area = np.bincount(background.ravel(), minlength=count + 1) * (spacing[1] * spacing[2])
+    fill = area <= max_area_mm2
+    fill[0] = False
+    border = np.concatenate([background[:, [0, -1], :].ravel(), background[:, :, [0, -1]].ravel()])
+    fill[border] = False
+    return mask | fill[background]
+
+
 def _axis_weights(n_out: int, n_in: int, start: int = 0, stop: int | None = None):
     """Linear interpolation taps mapping output index i (half-voxel centred) to the input axis."""
     stop = n_out if stop is None else stop
@@ -69,98 +164,37 @@ def _axis_weights(n_out: int, n_in: int, start: int = 0, stop: int | None = None
     return low, high, (pos - low).astype(np.float32)
 
 
-def label_components(mask: np.ndarray, join_axes=(0, 1)) -> np.ndarray:
-    """6-connected component labels (0 = background; ids are arbitrary positive integers).
+def refine_on_input_grid(probability: np.ndarray, pixels: np.ndarray, spacing, voxel_ml: float):
+    """The lung mask on the input grid and its measurements (volume mL, mean HU, LAA-950 %).
 
-    Runs of foreground along the last axis are the nodes; runs touching across ``join_axes``
-    are joined by union-find with pointer jumping, all vectorised in numpy (no scipy).
-    ``join_axes=(1,)`` gives 2D (4-connected) components per slice.
+    Slab by slab: the coarse probability is upsampled (trilinear, half-voxel centred: the
+    inverse of the area downsampling); lung = probability >= CORE, or >= BORDER where the voxel
+    is air-like; then vessels inside are filled (``fill_small_holes``). Memory: one slab.
     """
-    mask = np.ascontiguousarray(mask, dtype=bool)
-    starts = mask.copy()
-    starts[..., 1:] &= ~mask[..., :-1]
-    runs = np.where(mask, np.cumsum(starts, dtype=np.int64).reshape(mask.shape), 0)  # run number, 1-based
-    count = int(runs.max()) if runs.size else 0
+    n, rows, cols = pixels.shape
+    d, h, w = probability.shape
+    coarse = torch.from_numpy(np.ascontiguousarray(probability))
+    mask = np.zeros(pixels.shape, dtype=bool)
+    count, hu_sum, low_count = 0, 0.0, 0
+    for start in range(0, n, SLAB):
+        stop = min(n, start + SLAB)
+        low, high, t = _axis_weights(n, d, start, stop)
+        t = torch.from_numpy(t)[:, None, None]
+        slab = coarse[low] * (1 - t) + coarse[high] * t  # (k, h, w) along slices
+        if (h, w) != (rows, cols):
+            slab = F.interpolate(slab[None], size=(rows, cols), mode="bilinear", align_corners=False)[0]
+        slab = slab.numpy()
+        values = pixels[start:stop]
+        lung = (slab >= CORE) | ((slab >= BORDER) & (values < AIR_HU))
+        lung = fill_small_holes(lung, spacing)
+        mask[start:stop] = lung
+        inside = values[lung]
+        count += inside.size
+        hu_sum += float(inside.sum(dtype=np.float64))
+        low_count += int((inside < EMPHYSEMA_HU).sum())
     if count == 0:
-        return runs
-    pairs = []
-    for axis in join_axes:
-        a = runs[(slice(None),) * axis + (slice(1, None),)]
-        b = runs[(slice(None),) * axis + (slice(None, -1),)]
-        touch = (a > 0) & (b > 0)
-        pairs.append(np.unique(a[touch] * (count + 1) + b[touch]))
-    pairs = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
-    u, v = pairs // (count + 1), pairs % (count + 1)
-    parent = np.arange(count + 1, dtype=np.int64)
-    while True:
-        pu, pv = parent[u], parent[v]
-        differ = pu != pv
-        if not differ.any():
-            break
-        np.minimum.at(parent, np.maximum(pu, pv)[differ], np.minimum(pu, pv)[differ])
-        while True:  # pointer jumping: every node points at its root
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-    return parent[runs]
-
-
-def outside_air(hu: np.ndarray) -> np.ndarray:
-    """Air outside the patient: per axial slice, air regions (< -400 HU) touching the image edge.
-
-    Slice by slice (2D), so that airways opening to the outside (mouth, nose) in head/neck
-    slices do not connect outside air to the lungs. Assumes the usual full field of view in
-    which the lungs never touch the image edge.
-    """
-    labels = label_components(hu < -400, join_axes=(1,))
-    edge = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(), labels[:, :, [0, -1]].ravel()]))
-    return np.isin(labels, edge[edge > 0])
-
-
-def keep_lung_components(mask: np.ndarray, voxel_ml: float, superior: int = 1, min_ml: float = 20.0,
-                         min_fraction: float = 0.1, max_components: int = 2) -> np.ndarray:
-    """Anatomy-aware choice of the lung component(s) among the connected components of ``mask``.
-
-    1. Inferior rule (only when ``superior`` is +1 or -1, the direction of increasing slice index
-       towards the head): a component B is dropped when its centroid lies below the lowest slice
-       of another component A of at least ``min_ml`` and at least ``min_fraction`` of B's size.
-       Lungs sit on the diaphragm, so gas or fat that the network confuses with lung in the
-       abdomen (colon, stomach) has its bulk below the lung bases and is removed even when it is
-       larger than the lungs (scans covering only the lung bases). The left and right lung overlap
-       in height, so neither removes the other.
-    2. Of what is left, the largest component plus the next one if it holds at least
-       ``min_fraction`` of the largest's size (separate left and right lungs).
-    """
-    labels = label_components(mask)
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    if ids.size == 0:
-        return mask
-    alive = np.ones(ids.size, bool)
-    if superior in (1, -1):
-        z = np.arange(mask.shape[0]) if superior == 1 else np.arange(mask.shape[0])[::-1]
-        index = np.searchsorted(ids, labels[labels > 0])
-        z_of = np.broadcast_to(z[:, None, None], mask.shape)[labels > 0]
-        centroid = np.bincount(index, weights=z_of, minlength=ids.size) / counts
-        lowest = np.full(ids.size, np.inf)
-        np.minimum.at(lowest, index, z_of)
-        big = np.nonzero(counts * voxel_ml >= min_ml)[0]
-        for b in range(ids.size):
-            above = big[(big != b) & (counts[big] >= min_fraction * counts[b])]
-            alive[b] = not np.any(centroid[b] < lowest[above])
-    ids, counts = ids[alive], counts[alive]
-    order = np.argsort(counts)[::-1][:max_components]
-    keep = [ids[i] for i in order if counts[i] >= min_fraction * counts[order[0]]]
-    return np.isin(labels, keep)
-
-
-def superior_direction(slice_direction) -> int:
-    """+1 when the slice index increases towards the head (LPS +z), -1 towards the feet, 0 when
-    the slices are not roughly axial (then no head-foot rule is applied)."""
-    if slice_direction is None:
-        return 0
-    dz = float(np.asarray(slice_direction, dtype=float)[2])
-    return 1 if dz > 0.5 else (-1 if dz < -0.5 else 0)
+        return mask, 0.0, math.nan, math.nan
+    return mask, count * voxel_ml, hu_sum / count, 100.0 * low_count / count
 
 
 class LungSegmentation:
@@ -170,32 +204,41 @@ class LungSegmentation:
         self.network = with_weights(build_network(), manifest).to(self.device).eval()
 
     @torch.inference_mode()
-    def coarse_probability(self, pixels: np.ndarray, spacing, superior: int = 1) -> np.ndarray:
-        """Lung probability on the coarse grid, after connected-component cleanup.
+    def coarse_probability(self, pixels: np.ndarray, spacing, flips: tuple[int, ...] = ()) -> np.ndarray:
+        """Lung probability on the coarse grid (input orientation), after the component choice.
 
-        ``superior``: +1 if the slice index increases towards the head, -1 if towards the feet,
-        0 if unknown / not axial (see ``superior_direction``).
+        ``flips``: the axes to flip into the training orientation (``canonical_flips``).
         """
         hu = downsample(pixels, spacing)
         coarse_ml = float(np.prod([n * s for n, s in zip(pixels.shape, spacing)])) / hu[0, 0].numel() / 1000
-        image = normalise_hu(hu).to(self.device)
-        logits = sliding_window_inference(image, roi_size=ROI, sw_batch_size=1, predictor=self.network,
-                                          overlap=0.25, mode="gaussian")
-        probability = torch.sigmoid(logits)[0, 0].float().cpu().numpy()
-        probability[outside_air(hu[0, 0].numpy())] = 0.0
-        keep = keep_lung_components(probability > 0.5, coarse_ml, superior)
+        dims = [axis + 2 for axis in flips]
+        if dims:
+            hu = torch.flip(hu, dims)
+        padded, box = pad_edges(hu)
+        logits = sliding_window_inference(normalise_hu(padded).to(self.device), roi_size=ROI, sw_batch_size=1,
+                                          predictor=self.network, overlap=0.25, mode="gaussian")
+        probability = torch.sigmoid(logits)[0, 0].float().cpu()[box]
+        if dims:
+            probability = torch.flip(probability, [d - 2 for d in dims])
+        probability = probability.numpy()
+        keep = self._oriented(keep_lung_components, probability, coarse_ml, flips)
         # keep the soft edge just outside the kept components so the upsampled border stays smooth
-        grown = F.max_pool3d(torch.from_numpy(keep.astype(np.float32))[None, None], 3, 1, 1)[0, 0].numpy() > 0
+        grown = ndi.binary_dilation(keep, structure=np.ones((3, 3, 3), bool))
         return np.where(grown, probability, 0.0).astype(np.float32)
+
+    @staticmethod
+    def _oriented(rule, probability, voxel_ml, flips):
+        """Apply a rule that expects axis 0 to run to the head to an array in input orientation."""
+        index = tuple(slice(None, None, -1) if axis == 0 and 0 in flips else slice(None) for axis in range(3))
+        return rule(probability[index], voxel_ml)[index]
 
     def predict(self, volume) -> ModelOutput:
         pixels = volume.pixels
-        probability = self.coarse_probability(pixels, volume.spacing,
-                                              superior_direction(getattr(volume, "slice_direction", None)))
-        mask, volume_ml, mean_hu, emphysema = self._upsample_and_measure(probability, pixels,
-                                                                        volume.voxel_volume_ml)
+        probability = self.coarse_probability(pixels, volume.spacing, canonical_flips(volume))
+        mask, volume_ml, mean_hu, emphysema = refine_on_input_grid(probability, pixels, volume.spacing,
+                                                                   volume.voxel_volume_ml)
         area = mask.sum(axis=(1, 2))
-        key_slices = [int(np.argmax(area))] if area.any() else []
+        key_slices = [int(np.argmax(area))] if area.any() else []  # mid-lung: where the lungs are largest
         measurements = []
         if area.any():
             measurements = [
@@ -205,28 +248,3 @@ class LungSegmentation:
             ]
         return ModelOutput(segments=[SegmentMask("lung", mask)], measurements=measurements,
                            key_slices=key_slices)
-
-    @staticmethod
-    def _upsample_and_measure(probability, pixels, voxel_ml):
-        """Trilinear upsampling to the input grid in slabs of slices; sums taken on the way."""
-        n, rows, cols = pixels.shape
-        d, h, w = probability.shape
-        coarse = torch.from_numpy(probability)
-        mask = np.zeros(pixels.shape, dtype=bool)
-        count, hu_sum, low_count = 0, 0.0, 0
-        for start in range(0, n, SLAB):
-            stop = min(n, start + SLAB)
-            low, high, t = _axis_weights(n, d, start, stop)
-            t = torch.from_numpy(t)[:, None, None]
-            slab = coarse[low] * (1 - t) + coarse[high] * t  # (k, h, w) along slices
-            if (h, w) != (rows, cols):
-                slab = F.interpolate(slab[None], size=(rows, cols), mode="bilinear", align_corners=False)[0]
-            slab_mask = (slab > 0.5).numpy()
-            mask[start:stop] = slab_mask
-            values = pixels[start:stop][slab_mask]
-            count += values.size
-            hu_sum += float(values.sum(dtype=np.float64))
-            low_count += int((values < EMPHYSEMA_HU).sum())
-        if count == 0:
-            return mask, 0.0, math.nan, math.nan
-        return mask, count * voxel_ml, hu_sum / count, 100.0 * low_count / count
