@@ -7,8 +7,9 @@ are written to OUT, ready for check_viewer.sh.
 
 --model: any bundled model (ct_body_region: finding + saliency outline; ct_denoise: derived
 series + noise measurements in a uniform region). --qc-fail: the rule's policy for a result
-that fails the model's quality checks; e.g. `--spacing 1 0.7 0.7 --qc-fail send_flagged` makes
-lungs too small for lung_ct_seg's plausible volume, so its results arrive flagged "QC FAILED".
+that fails the model's quality checks; e.g. `--slices 16 --size 64 --spacing 0.6 3.5 3.5
+--qc-fail send_flagged` sends a 9.6 mm slab of chest whose ~57 mL of lung is below lung_ct_seg's
+plausible volume, so its results arrive flagged "QC FAILED".
 """
 
 from __future__ import annotations

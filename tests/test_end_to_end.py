@@ -63,7 +63,7 @@ def make_node(tmp_path, orthanc, **kwargs) -> NodeProcess:
 
 
 def test_study_gets_seg_sr_and_key_images_in_the_pacs(tmp_path, orthanc):
-    series = make_ct_series(tmp_path / "ct", shape=(40, 96, 96), spacing=(2.5, 1.2, 1.2))
+    series = make_ct_series(tmp_path / "ct", shape=(40, 96, 96), spacing=(2.5, 3.5, 3.5))  # an adult-sized chest
     with make_node(tmp_path, orthanc) as node:
         assert not storescu_failures(storescu("127.0.0.1", node.port, tmp_path / "ct", NODE_AE))
         found = wait_for(lambda: all_results_arrived(orthanc, series.study_instance_uid), timeout=180,
@@ -90,7 +90,7 @@ def test_study_gets_seg_sr_and_key_images_in_the_pacs(tmp_path, orthanc):
     assert groups, "TID 1500 report without a volumetric ROI group"
     volume = [m for m in groups[0].get_measurements() if m.name.value == "118565006"]
     assert volume and volume[0].unit.value == "ml"
-    seg_ml = mask.sum() * 2.5 * 1.2 * 1.2 / 1000  # the SR measures what the SEG shows
+    seg_ml = mask.sum() * 2.5 * 3.5 * 3.5 / 1000  # the SR measures what the SEG shows
     assert volume[0].value == pytest.approx(seg_ml, rel=1e-3)
 
     job = detail["jobs"][0]
@@ -111,8 +111,8 @@ def test_series_the_model_cannot_take_fails_with_a_reason(tmp_path, orthanc):
 
 
 def test_pacs_down_then_up_delivers_after_retries(tmp_path, orthanc):
-    # 2 mm pixels: lungs of about 150 mL, within the model's plausible range (1.5 mm made them 90 mL: held)
-    series = make_ct_series(tmp_path / "ct", shape=(32, 64, 64), spacing=(2.5, 2.0, 2.0), seed="retry")
+    # an adult-sized chest (64 pixels of 4.5 mm): lungs of about 770 mL, within the plausible range
+    series = make_ct_series(tmp_path / "ct", shape=(32, 64, 64), spacing=(2.5, 4.5, 4.5), seed="retry")
     orthanc.stop()  # the PACS is down when results are ready
     with make_node(tmp_path, orthanc, max_attempts=8, backoff_s=1.0) as node:
         storescu("127.0.0.1", node.port, tmp_path / "ct", NODE_AE)
@@ -134,7 +134,7 @@ def _count(node, query):
 
 
 def test_sigkill_while_the_job_runs_loses_nothing_and_delivers_once(tmp_path, orthanc):
-    series = make_ct_series(tmp_path / "ct", shape=(48, 96, 96), spacing=(2.5, 1.2, 1.2), seed="crash")
+    series = make_ct_series(tmp_path / "ct", shape=(48, 96, 96), spacing=(2.5, 3.5, 3.5), seed="crash")
     node = make_node(tmp_path, orthanc, quiet_period_s=0.5)
     node.start()
     try:

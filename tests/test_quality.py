@@ -248,8 +248,8 @@ def test_bundled_lung_model_fails_its_checks_on_a_cropped_phantom_and_passes_a_f
     manifest = find_manifests()["lung_ct_seg"]
     model = load_model(manifest, device="cpu")
     outcomes = {}
-    for name, shape, spacing in (("cropped", (20, 48, 48), (2.5, 1.5, 1.5)),
-                                 ("chest", (40, 96, 96), (2.5, 1.2, 1.2))):
+    for name, shape, spacing in (("cropped", (16, 64, 64), (0.6, 3.5, 3.5)),  # a 9.6 mm slab: ~57 mL of lung
+                                 ("chest", (40, 96, 96), (2.5, 3.5, 3.5))):
         series = make_ct_series(tmp_path / name, shape=shape, spacing=spacing, seed=name)
         volume = load_series(series.paths)
         outcomes[name] = by_name(check_output(manifest, model.predict(volume), volume.voxel_volume_ml))

@@ -1,5 +1,5 @@
 """The quality gate in the job runner, in-process on a temp SQLite database, with the bundled
-lung model on synthetic chest CT: a cropped phantom whose lungs are smaller than the model's
+lung model on synthetic chest CT: a thin slab of a chest whose lungs are smaller than the model's
 declared [qc] range, and a fuller one that passes. What each policy does, what is stored, and
 how hold interacts with release, reject, resend, retry, crash recovery and superseding."""
 
@@ -23,8 +23,8 @@ from dicom_ai_node.storage import Storage
 from dicom_ai_node.web import actions
 from tests.synthetic import make_ct_series
 
-CROPPED = dict(shape=(20, 48, 48), spacing=(2.5, 1.5, 1.5), seed="cropped")  # lungs ~40 mL: below 100
-CHEST = dict(shape=(40, 96, 96), spacing=(2.5, 1.2, 1.2), seed="chest")  # lungs ~150 mL: plausible
+CROPPED = dict(shape=(16, 64, 64), spacing=(0.6, 3.5, 3.5), seed="cropped")  # 9.6 mm of chest, lungs ~57 mL: below 100
+CHEST = dict(shape=(40, 96, 96), spacing=(2.5, 3.5, 3.5), seed="chest")  # an adult-sized chest, lungs ~1.3 L: plausible
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_a_plausible_result_is_delivered_with_its_checks_stored(gate, phantoms):
     assert job["policy"] == "hold"  # the node default, recorded on the job
     assert set(job["checks"]) == {"lung volume", "mean_attenuation on lung"}
     volume = job["checks"]["lung volume"]
-    assert volume.passed and 100 < volume.value < 300 and (volume.low, volume.high, volume.unit) == (100, 12000, "mL")
+    assert volume.passed and 1000 < volume.value < 1500 and (volume.low, volume.high, volume.unit) == (100, 12000, "mL")
     assert job["deliveries"] and set(job["deliveries"]) == {"pending"} and gate.kicks == 1
 
 

@@ -1,7 +1,7 @@
 """The quality gate with real peers: dcmtk storescu (scanner) -> node (a real process, admin page
 on) -> Orthanc (PACS).
 
-Four cropped chest CT phantoms are pushed whose lungs (about 40 mL) are smaller than the bundled
+Four chest CT phantoms are pushed, each a 9.6 mm slab whose lungs (about 57 mL) are smaller than the bundled
 lung model's declared plausible range ([qc] volume_ml = [100, 12000] in its model.toml), so
 every result fails a declared check, on the model's real output. Each phantom has its own
 patient ID, which routes it by a rule with its own policy: two are held (the rule has no
@@ -32,7 +32,7 @@ from tests.test_end_to_end import COMPREHENSIVE_3D_SR, SECONDARY_CAPTURE, SEG, a
 pytestmark = [pytest.mark.integration, skip_unless_tools("storescu", "/usr/sbin/Orthanc")]
 
 PASSWORD = "quality-gate-password"
-CROPPED = dict(shape=(20, 48, 48), spacing=(2.5, 1.5, 1.5))  # lungs ~40 mL: below the declared 100 mL
+CROPPED = dict(shape=(16, 64, 64), spacing=(0.6, 3.5, 3.5))  # lungs ~57 mL: below the declared 100 mL
 
 
 def rule(name: str, patient_id: str, qc_fail: str | None) -> str:

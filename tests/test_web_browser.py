@@ -55,7 +55,7 @@ def reload_until(page, predicate, timeout: float, what: str, node: NodeProcess):
 def test_admin_edits_rules_and_watches_a_study_through(tmp_path, orthanc, browser):
     shots = Path(os.environ.get("DICOM_AI_NODE_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
-    series = make_ct_series(tmp_path / "ct", shape=(40, 96, 96), spacing=(2.5, 1.2, 1.2),
+    series = make_ct_series(tmp_path / "ct", shape=(40, 96, 96), spacing=(2.5, 3.5, 3.5),
                             patient_name="<script>alert(1)</script>^Phantom")
     node = NodeProcess(tmp_path / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
                        rules=RULES, web=True)
