@@ -3,7 +3,10 @@ through a real node into Orthanc; the source images and every result that arrive
 are written to OUT, ready for check_viewer.sh.
 
     .venv/bin/python bench/viewer_study.py OUT [--model lung_ct_seg] [--slices 60] [--size 128]
-        [--spacing 2.5 2.5 2.5] [--qc-fail send_flagged]
+        [--spacing 2.5 2.5 2.5] [--qc-fail send_flagged] [--case cta_cardiac]
+
+--case: instead of the phantom, a real chest CT case of model_zoo/lung_ct_seg/data.py (from
+../shared/data), e.g. cta_cardiac, the cardiac field of view of issue 9, or nsclc_lung1.
 
 --model: any bundled model (ct_body_region: finding + saliency outline; ct_denoise: derived
 series + noise measurements in a uniform region). --qc-fail: the rule's policy for a result
@@ -43,11 +46,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--spacing", type=float, nargs=3, default=(2.5, 2.5, 2.5))
     parser.add_argument("--qc-fail", choices=("hold", "send_flagged", "drop"))
+    parser.add_argument("--case", help="a real chest CT case (model_zoo/lung_ct_seg/data.py CASES)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
-        series = make_ct_series(Path(workdir) / "ct", shape=(args.slices, args.size, args.size),
-                                spacing=tuple(args.spacing), seed="viewer-check")
+        if args.case:
+            from model_zoo.lung_ct_seg.data import load_case
+
+            pixels, spacing, _ = load_case(args.case)
+            series = make_ct_series(Path(workdir) / "ct", spacing=spacing, pixels=pixels, seed=args.case)
+        else:
+            series = make_ct_series(Path(workdir) / "ct", shape=(args.slices, args.size, args.size),
+                                    spacing=tuple(args.spacing), seed="viewer-check")
         orthanc = OrthancPeer(workdir=Path(workdir) / "orthanc", node_port=free_port()).start()
         node = NodeProcess(Path(workdir) / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
                            rules=rule(args.model, args.qc_fail), quiet_period_s=5.0).start()
