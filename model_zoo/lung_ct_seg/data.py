@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from model_zoo.ct_data import (DEFAULT_DATA, TOTALSEG_ABDOMEN, TOTALSEG_ABDOMEN_LABELS, TOTALSEG_CTA_CROPS,
-                               TOTALSEG_LUNG_LABELS, load_dicom_series, load_nifti)
+from model_zoo.ct_data import (DEFAULT_DATA, TOTALSEG, TOTALSEG_ABDOMEN, TOTALSEG_ABDOMEN_LABELS,
+                               TOTALSEG_CTA_CROPS, TOTALSEG_LUNG_LABELS, load_dicom_series, load_nifti)
 from model_zoo.lung_ct_seg.model import AIR_HU, IN_PLANE, fill_small_holes
 
 CHEST = Path("chest_ct")
 COPDGENE = CHEST / "acil-bwh__ChestImagingPlatform/Testing/Data/Input"
 LUNG1 = CHEST / "NKI-RT__DecideDocker/workspace/decide/data/LUNG1-001"
 FOUR_D_LUNG = CHEST / "bhklab__readii/tests/4D-Lung/113_HM10395"
+TOTALSEG_ABDOMEN_SMALL = TOTALSEG / "example_ct_sm.nii.gz"
 LIDC_SLICE = Path("ct_volumes/JoHof__lungmask/tests/testdata/0.dcm")
 
 
@@ -47,6 +48,11 @@ CASES = [
     Case("abdomen_lung_bases", "totalseg_abdomen",
          "non-contrast abdomen/pelvis CT with only the lung bases (top 11 slices), bowel gas; 3 mm, 112 slices",
          "TotalSegmentator 'total' fast output, lung lobes merged (a model, not manual)"),
+    # example_ct_sm.nii.gz holds the top 30 slices of example_ct (same pixels): not trained on
+    # separately, so that patient's data is not counted twice
+    Case("abdomen_lung_bases_sm", "totalseg_abdomen",
+         "the top 30 slices of the same scan (TotalSegmentator example_ct_sm): upper abdomen, lung bases",
+         "TotalSegmentator 'total' fast output of the whole scan, same slices", trainable=False),
     Case("copdgene", "copdgene",
          "COPDGene inspiratory chest CT, emphysema, downsampled x8 by its publisher (4.2 x 4.2 x 4.0 mm)",
          "Chest Imaging Platform wholeLung label map published with the scan (semi-automatic)"),
@@ -78,6 +84,14 @@ def _load_case(name: str, data: Path):
         pixels, spacing = load_nifti(data / TOTALSEG_ABDOMEN)
         labels, _ = load_nifti(data / TOTALSEG_ABDOMEN_LABELS, dtype=np.uint8)
         return pixels, spacing, np.isin(labels, TOTALSEG_LUNG_LABELS)
+    if name == "abdomen_lung_bases_sm":
+        pixels, spacing = load_nifti(data / TOTALSEG_ABDOMEN_SMALL)
+        labels, _ = load_nifti(data / TOTALSEG_ABDOMEN_LABELS, dtype=np.uint8)
+        reference = np.isin(labels, TOTALSEG_LUNG_LABELS)[-len(pixels):]
+        full, _ = load_nifti(data / TOTALSEG_ABDOMEN)
+        if not np.array_equal(full[-len(pixels):], pixels):
+            raise ValueError("example_ct_sm is no longer the top slices of example_ct")
+        return pixels, spacing, reference
     if name == "copdgene":
         import nrrd
 
