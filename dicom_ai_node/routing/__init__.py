@@ -12,6 +12,8 @@ Condition semantics (see conditions.py): `equals` compares text case-sensitively
 numerically when the rule gives a number (DS/IS text like "5.0" counts as a number); a
 multi-valued attribute (a list, e.g. ImageType) matches equals/one_of/regex when any one value
 matches, and `range` only when every value is a number within it; an empty value counts as absent.
+A `regex` is RE2 syntax (patterns.py: linear time; no backreferences or lookaround, at most
+MAX_PATTERN_LENGTH characters), searched anywhere in the value like `re.search`.
 """
 
 from .conditions import AllOf, AnyOf, Not, TagCondition

@@ -1,5 +1,8 @@
 """Rule conditions: tag operators (equals, one_of, regex, range, present, absent) and all/any/not.
 
+`regex` is RE2 syntax, compiled only by patterns.compile_pattern (linear-time matching: no rule
+text can make evaluation hang).
+
 Each condition explains its outcome, because admins read the reasons to learn why a study got,
 or did not get, a model. An Outcome carries the path to the deciding node ("all[1].any") and
 a body ("Modality equals 'CT': held (value 'CT')"); `str(outcome)` joins them.
@@ -10,11 +13,11 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
-from typing import Union
 
 from pydicom.datadict import keyword_dict, keyword_for_tag, tag_for_keyword
 
 from .facts import as_number, as_values, describe_value, is_empty, show_value
+from .patterns import PatternError, compile_pattern
 
 TAG_OPERATORS = ("equals", "one_of", "regex", "range", "present", "absent")
 HEX_TAG = re.compile(r"^([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})$")
@@ -41,11 +44,11 @@ class TagCondition:
     tag: str  # as written: a DICOM keyword or "gggg,eeee"
     operator: str  # one of TAG_OPERATORS
     operand: object  # str|number (equals), tuple (one_of), str (regex), (lo, hi) (range), True (present/absent)
-    pattern: re.Pattern | None = field(default=None, compare=False, repr=False)
+    pattern: object = field(default=None, compare=False, repr=False)  # RE2, from patterns.compile_pattern
 
     def __post_init__(self) -> None:
         if self.operator == "regex" and self.pattern is None:
-            self.pattern = re.compile(self.operand)
+            self.pattern = compile_pattern(self.operand)
 
     def lookup_keys(self) -> list[str]:
         """Attributes are keyed by keyword; private/unknown hex tags can only be keyed by "GGGG,EEEE"."""
@@ -117,7 +120,7 @@ def _equal(value: object, expected: object) -> bool:
 
 @dataclass
 class AllOf:
-    conditions: list["Condition"]
+    conditions: list[Condition]
 
     def check(self, attributes: dict[str, object]) -> Outcome:
         held_parts = []
@@ -134,7 +137,7 @@ class AllOf:
 
 @dataclass
 class AnyOf:
-    conditions: list["Condition"]
+    conditions: list[Condition]
 
     def check(self, attributes: dict[str, object]) -> Outcome:
         failed_parts = []
@@ -151,7 +154,7 @@ class AnyOf:
 
 @dataclass
 class Not:
-    condition: "Condition"
+    condition: Condition
 
     def check(self, attributes: dict[str, object]) -> Outcome:
         inner = self.condition.check(attributes)
@@ -161,7 +164,7 @@ class Not:
         return {"not": self.condition.to_data()}
 
 
-Condition = Union[TagCondition, AllOf, AnyOf, Not]
+Condition = TagCondition | AllOf | AnyOf | Not
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +246,9 @@ def _check_operand(operator: str, value: object, path: str, problems: list[tuple
             problems.append((path, f"expected a string, got {describe_value(value)}"))
             return None
         try:
-            re.compile(value)
-        except re.error as error:
-            problems.append((path, f"invalid regular expression {value!r}: {error}"))
+            compile_pattern(value)
+        except PatternError as error:
+            problems.append((path, str(error)))
         return value
     if operator == "range":
         if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)):
