@@ -13,6 +13,7 @@ from dicom_ai_node.db.engine import Database
 from dicom_ai_node.deliver.destinations import DestinationStore
 from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.router import RuleStore
+from dicom_ai_node.web.login_limits import LoginLimiter
 
 
 @dataclass
@@ -26,6 +27,7 @@ class WebContext:
     submit_job: Callable[[int], None] = lambda job_id: None  # hand a re-queued job to the executor
     kick_outbox: Callable[[], None] = lambda: None  # send re-queued deliveries now
     ready: Callable[[], dict[str, bool]] = field(default=lambda: {"database": True})
+    login_limits: LoginLimiter = field(default_factory=LoginLimiter)  # failed logins per user and address
 
 
 def load_secret(path: Path) -> bytes:

@@ -27,7 +27,8 @@ from dicom_ai_node.web.actions import NotFound, Refused
 from dicom_ai_node.web.api.audit import audit_events
 from dicom_ai_node.web.api.destinations import DestinationFields
 from dicom_ai_node.web.api.models import models_json
-from dicom_ai_node.web.auth import SESSION_COOKIE, Context, PageAdmin, PageUser, _csrf_ok
+from dicom_ai_node.web.auth import (SESSION_COOKIE, Context, LoginFailed, LoginThrottled, PageAdmin, PageUser,
+                                    _csrf_ok, client_address, log_in)
 from dicom_ai_node.web.rules_editing import RulesInvalid
 
 router = APIRouter(include_in_schema=False)
@@ -84,11 +85,15 @@ def login(request: Request, ctx: Context, name: Annotated[str, Form(max_length=6
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not cookie or not secrets.compare_digest(cookie, csrf_token):
         return back("/login", error="the login form expired; try again")
-    with ctx.database.session() as session:
-        user = users.authenticate(session, name, password)
-        if user is None:
-            return back("/login", error="wrong user name or password")
-        token = users.start_session(session, user, ctx.config.web.session_hours)
+    try:
+        token = log_in(ctx, client_address(request), name, password)
+    except LoginThrottled as throttled:  # the form again, with the reason; scripts read Retry-After
+        response = login_page(request, next, error=str(throttled))
+        response.status_code = 429
+        response.headers["Retry-After"] = str(throttled.retry_after_s)
+        return response
+    except LoginFailed:
+        return back("/login", error="wrong user name or password")
     response = RedirectResponse(_local(next, fallback="/"), status_code=303)
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax",
                         secure=request.url.scheme == "https", max_age=int(ctx.config.web.session_hours * 3600))
