@@ -8,6 +8,9 @@ DICOM has no "end of study" message, so every node guesses. Two signals are used
   when done; the receiver records ``Study.released_at`` and the study completes
   ``release_grace_s`` later unless another instance arrived after the release.
 
+A routing rule's ``quiet_period_s`` holds with either signal: a rule that waits 10 minutes
+for a slow MR protocol (one association per sequence) is not cut short by the first release.
+
 Both facts live in the database, and one APScheduler interval job checks them. So it does
 not matter which process received the instances (several receiver processes share the
 port), and after a restart nothing needs re-arming: studies still "receiving" are simply
@@ -33,8 +36,9 @@ CHECK_INTERVAL_S = 0.25
 class CompletionWatcher:
     def __init__(self, database: Database, quiet_period_s: float, release_grace_s: float | None,
                  quiet_enough: Callable[[str, float], bool], on_complete: Callable[[str], object]):
-        """``quiet_enough(study_uid, quiet_seconds)`` says whether that much quiet is enough
-        (rules may want more); ``on_complete(study_uid)`` routes the study.
+        """``quiet_enough(study_uid, quiet_seconds)`` says whether the rules matching the
+        study accept that much quiet (a rule may want more); ``on_complete(study_uid)`` routes
+        the study.
         ``release_grace_s`` None: association releases are not used as a signal."""
         self.database = database
         self.quiet_period_s = quiet_period_s
@@ -61,8 +65,10 @@ class CompletionWatcher:
 
     def _is_complete(self, study_uid: str, now: datetime, last_received: datetime,
                      released: datetime | None) -> bool:
+        quiet_s = (now - last_received).total_seconds()
         if (self.release_grace_s is not None and released is not None and released >= last_received
                 and now - released >= timedelta(seconds=self.release_grace_s)):
-            return True  # the sending association ended and nothing arrived since
-        quiet_s = (now - last_received).total_seconds()
+            # the sending association ended and nothing arrived since: the node's own quiet
+            # period is not needed, a rule's still is
+            return self.quiet_enough(study_uid, quiet_s)
         return quiet_s >= self.quiet_period_s and self.quiet_enough(study_uid, quiet_s)

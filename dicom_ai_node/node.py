@@ -51,7 +51,7 @@ class Node:
         self.runner = JobRunner(self.database, self.storage, self.models,
                                 on_results=self._kick_outbox, default_qc_fail=config.qc_on_fail)
         self.executor = LocalExecutor(self.runner.run, config.workers)
-        self.router = Router(self.database, self.rules, config.quiet_period_s, self.executor.submit)
+        self.router = Router(self.database, self.rules, self.executor.submit)
         release_grace_s = config.node.release_grace_s if config.node.complete_on_release else None
         self.completion = CompletionWatcher(self.database, config.quiet_period_s, release_grace_s,
                                             self.router.quiet_enough, self.router.route)

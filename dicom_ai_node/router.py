@@ -94,22 +94,22 @@ def series_facts(session: Session, study_uid: str) -> list[SeriesFacts]:
 
 
 class Router:
-    def __init__(self, database: Database, rules: RuleStore, default_quiet_s: float,
-                 submit: Callable[[int], None]):
+    def __init__(self, database: Database, rules: RuleStore, submit: Callable[[int], None]):
         self.database = database
         self.rules = rules
-        self.default_quiet_s = default_quiet_s
         self.submit = submit
         self._lock = threading.Lock()  # one routing at a time: completions may race
 
     def quiet_enough(self, study_uid: str, quiet_s: float) -> bool:
-        """Rules may ask for a longer quiet period than the default (e.g. slow MR sequences)."""
+        """Whether the rules that match the study accept ``quiet_s`` seconds without a new
+        instance: a rule may ask for a longer wait (``quiet_period_s``, e.g. slow MR
+        sequences); the longest one asked for holds. True when no matching rule asks (the
+        node's own quiet period or the association release decides, see completion.py)."""
         with self.database.session() as session:
             _version, rule_set = self.rules.active(session)
             decisions = evaluate(rule_set, series_facts(session, study_uid))
         wanted = [d.quiet_period_s for d in decisions if d.matched and d.quiet_period_s is not None]
-        needed = max(wanted) if wanted else self.default_quiet_s
-        return quiet_s >= needed
+        return not wanted or quiet_s >= max(wanted)
 
     def route(self, study_uid: str) -> list[int]:
         """Evaluate the rules for a complete study; returns the ids of new jobs."""

@@ -89,7 +89,7 @@ def test_concurrent_indexing_and_idempotent_routing(postgres_url):
     rules.seed_from_config([{"name": "ct", "priority": 1, "models": ["lung_ct_seg"], "destinations": ["pacs"],
                              "when": {"tag": "Modality", "equals": "CT"}}])
     submitted: list[int] = []
-    router = Router(database, rules, 1.0, submitted.append)
+    router = Router(database, rules, submitted.append)
     assert len(router.route("1.2.3")) == 1
     assert router.route("1.2.3") == []  # completed already: no second job
     with database.session() as session:

@@ -43,7 +43,7 @@ def receive(database, series: str, sop: str, body_part: str = "CHEST", study: st
 def make_router(database, submitted):
     rules = RuleStore(database)
     rules.seed_from_config(RULES)
-    return Router(database, rules, 1.0, submitted.append), rules
+    return Router(database, rules, submitted.append), rules
 
 
 def test_route_stores_decisions_with_reasons_and_creates_one_job(database):
@@ -95,7 +95,7 @@ def test_rule_quiet_period_override_holds_completion(database):
     receive(database, "1.2.3.1", "1.2.3.1.1")
     rules = RuleStore(database)
     rules.seed_from_config([{**RULES[0], "quiet_period_s": 30}])
-    router = Router(database, rules, 1.0, lambda job_id: None)
+    router = Router(database, rules, lambda job_id: None)
     assert router.quiet_enough("1.2.3", 5.0) is False
     assert router.quiet_enough("1.2.3", 31.0) is True
 
@@ -172,7 +172,7 @@ def test_the_rule_qc_fail_is_recorded_on_the_job(database):
     receive(database, "1.2.3.1", "1.2.3.1.1")
     rules = RuleStore(database)
     rules.seed_from_config([{**RULES[0], "qc_fail": "send_flagged"}])
-    [job_id] = Router(database, rules, 1.0, lambda job_id: None).route("1.2.3")
+    [job_id] = Router(database, rules, lambda job_id: None).route("1.2.3")
     with database.session() as session:
         assert session.get(Job, job_id).qc_policy == "send_flagged"
         decision = session.scalars(select(RoutingDecision)).one()
