@@ -44,6 +44,11 @@ def scan_header(data: bytes | bytearray, implicit_vr: bool) -> Dataset | None:
         _walk(data, 0, implicit_vr, values, top_level=True)
     except (_Unusual, struct.error):
         return None
+    return header_from_values(values)
+
+
+def header_from_values(values: dict[int, bytes]) -> Dataset | None:
+    """A Dataset of the WANTED elements' raw values, or None when pydicom should look."""
     if not all(tag in values for tag in _REQUIRED):
         return None  # let pydicom look (and word the refusal) when a UID seems missing
     header = Dataset()

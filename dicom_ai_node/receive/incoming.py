@@ -4,6 +4,11 @@ The data set's fragments go straight from the socket into a temporary file behin
 meta header built from the C-STORE request, so memory does not grow with the instance. The
 first bytes are also kept in memory: the header (UIDs, what rules test) is read from them
 without touching the file again, and from the file only when the header is unusually big.
+
+While it streams, the free-disk reserve is checked every RESERVE_CHECK_BYTES: an instance
+that would eat into it is dropped (its file removed) and refused with A700. Before any
+answer, the whole data set is walked (data_set_check): one cut short, malformed or nested too
+deep is refused, and giant non-pixel values never reach memory.
 """
 
 from __future__ import annotations
@@ -13,15 +18,22 @@ import os
 import struct
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicom_ai_node.receive.header_scan import scan_header
+from dicom_ai_node.receive.data_set_check import (
+    FileSource,
+    InflatedSource,
+    Walked,
+    check_data_set,
+    header_bytes,
+)
+from dicom_ai_node.receive.header_scan import WANTED, header_from_values
 from dicom_ai_node.storage import Storage, StorageError, storage_error
 
 HEADER_PREFIX_BYTES = 256 * 1024
+RESERVE_CHECK_BYTES = 2**20  # the reserve may be overrun by at most this much per association
 _PREAMBLE = bytes(128) + b"DICM"
 
 
@@ -64,6 +76,10 @@ class IncomingInstance:
         self.prefix = bytearray()
         self.path: Path | None = None
         self._descriptor = -1
+        self._storage = storage
+        self._meta_size = len(meta)
+        self._next_reserve_check = RESERVE_CHECK_BYTES
+        self._walked: Walked | None = None  # the data set's walk, once it is in
         try:
             storage.check_free_space(0)
             self._descriptor, self.path = storage.open_incoming()
@@ -82,6 +98,9 @@ class IncomingInstance:
             try:
                 self._write(chunk)
                 self.file_size += len(chunk)
+                if self.file_size >= self._next_reserve_check:
+                    self._next_reserve_check = self.file_size + RESERVE_CHECK_BYTES
+                    self._storage.check_free_space(0)
             except StorageError as error:
                 self._fail(error)
 
@@ -103,41 +122,43 @@ class IncomingInstance:
             self.path = None
 
     def scan_header(self, transfer_syntax_uid: str) -> Dataset | None:
-        """UIDs, InstanceNumber and NumberOfFrames only, quickly (see header_scan); None when
-        read_header is needed."""
-        syntax = UID(transfer_syntax_uid)
-        if (not syntax.is_transfer_syntax or not syntax.is_little_endian
-                or syntax == DeflatedExplicitVRLittleEndian):
-            return None
-        return scan_header(self.prefix, syntax.is_implicit_VR)
+        """UIDs, InstanceNumber and NumberOfFrames only, quickly (from the walk, without
+        pydicom); None when read_header is needed. Raises ValueError when the data set is
+        refused (see check)."""
+        self.check(transfer_syntax_uid)
+        return header_from_values(self._walked.values)
 
     def read_header(self, transfer_syntax_uid: str) -> Dataset:
-        """The data set up to its pixel data. Raises ValueError when it cannot be decoded."""
+        """The data set up to its pixel data, less values over MAX_HEADER_ELEMENT (see
+        data_set_check). Raises ValueError when it cannot be decoded or is refused."""
+        syntax = self.check(transfer_syntax_uid)
+        source = self._source(syntax)
+        try:
+            data = header_bytes(source, self._walked.header)
+        finally:
+            source.close()
+        return read_dataset(io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian)
+
+    def check(self, transfer_syntax_uid: str) -> UID:
+        """Walk the whole data set once (data_set_check); raises ValueError (DataSetError)
+        when it is cut short, malformed or beyond the limits."""
         syntax = UID(transfer_syntax_uid)
         if not syntax.is_transfer_syntax:
             raise ValueError(f"unknown transfer syntax {transfer_syntax_uid}")
-        complete = self.size <= len(self.prefix)
-        if syntax != DeflatedExplicitVRLittleEndian:
-            reached_pixels = []
-
-            def stop(tag, vr, length) -> bool:
-                if tag >> 16 >= 0x7FE0:  # plain int arithmetic: pydicom's Tag comparisons are slow
-                    reached_pixels.append(True)
-                    return True
-                return False
-
+        if self._walked is None:
+            source = self._source(syntax)
             try:
-                header = read_dataset(io.BytesIO(bytes(self.prefix)), syntax.is_implicit_VR,
-                                      syntax.is_little_endian, stop_when=stop)
-                if complete or reached_pixels:
-                    return header
-            except Exception:
-                if complete:
-                    raise
-        # a header beyond the first bytes, or a deflated data set: read it from the file
+                self._walked = check_data_set(source, syntax.is_implicit_VR, syntax.is_little_endian, WANTED)
+            finally:
+                source.close()
+        return syntax
+
+    def _source(self, syntax: UID):
         if self.path is None:
-            raise ValueError("the data set could not be kept to read its header")
-        return dcmread(self.path, stop_before_pixels=True)
+            raise ValueError("the data set could not be kept to read it")
+        if syntax == DeflatedExplicitVRLittleEndian:
+            return InflatedSource(self.path, self._meta_size)
+        return FileSource(self.path, self._meta_size, self.size, self.prefix)
 
     def _write(self, data) -> None:
         view = memoryview(data)
