@@ -73,11 +73,17 @@ class Storage:
 
     def clear_incoming(self) -> int:
         """Delete half-received instances left by a crash (never acknowledged to any sender).
-        Call before any receiver starts. Returns how many were removed."""
+        Call before any receiver starts. Returns how many were removed; the node's own empty
+        spare files (see open_incoming) are removed too but not counted: a received instance
+        has at least its file meta header."""
         removed = 0
         for leftover in self.incoming.glob("*.tmp"):
-            leftover.unlink(missing_ok=True)
-            removed += 1
+            try:
+                received = leftover.stat().st_size > 0
+                leftover.unlink()
+            except FileNotFoundError:
+                continue
+            removed += received
         return removed
 
     def open_incoming(self) -> tuple[int, Path]:
@@ -110,16 +116,24 @@ class Storage:
                 continue
             self._spares.put(spare)  # blocks while enough are waiting
 
-    def commit_incoming(self, temporary: Path, relative: str) -> None:
-        """Move a received (already fdatasync'ed) file into place and make the move durable."""
+    def commit_incoming(self, temporary: Path, relative: str) -> bool:
+        """Move a received (already fdatasync'ed) file into place and make the move durable.
+        Returns True when it replaced a file already there (a resend): a caller whose index
+        row then cannot be written removes a new file (``remove``), never a replaced one."""
         target = self.absolute(relative)
         try:
             _make_folder_durably(target.parent)
+            replaced = target.exists()
             os.replace(temporary, target)
             _fsync_folder(target.parent)
         except OSError as error:
             temporary.unlink(missing_ok=True)
             raise storage_error(error, relative) from error
+        return replaced
+
+    def remove(self, relative: str) -> None:
+        """Delete a stored file (e.g. one whose index row could not be written)."""
+        self.absolute(relative).unlink(missing_ok=True)
 
     def write_atomic(self, relative: str, chunks: list[bytes] | bytes) -> int:
         """Write to a temporary file, fsync, rename into place, fsync the folder.
@@ -136,8 +150,7 @@ class Storage:
         try:
             _make_folder_durably(target.parent)
             with open(temporary, "wb") as handle:
-                for chunk in data:
-                    handle.write(chunk)
+                handle.writelines(data)
                 handle.flush()
                 os.fdatasync(handle.fileno())  # data and size; the rename is made durable below
             os.replace(temporary, target)

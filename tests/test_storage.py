@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dicom_ai_node.storage import DiskFullError, Storage, check_uid, is_valid_uid
@@ -38,3 +40,24 @@ def test_full_disk_is_refused_before_writing(tmp_path):
     with pytest.raises(DiskFullError, match="MiB free"):
         storage.write_atomic(storage.instance_path("1.2", "1.2.3", "1.2.3.4"), b"x")
     assert not list((tmp_path / "instances").rglob("*"))
+
+
+def test_clearing_incoming_counts_received_files_not_the_spare_ones(tmp_path):
+    storage = Storage(tmp_path)
+    for _ in range(3):  # the node's own empty spare files
+        descriptor, _path = storage._create_incoming()
+        os.close(descriptor)
+    (storage.incoming / "123-7.tmp").write_bytes(b"\0" * 128 + b"DICM")  # a data set cut off by a crash
+    assert storage.clear_incoming() == 1
+    assert list(storage.incoming.iterdir()) == []
+
+
+def test_moving_into_place_says_whether_a_file_was_replaced(tmp_path):
+    storage = Storage(tmp_path)
+    relative = storage.instance_path("1.2", "1.2.3", "1.2.3.4")
+    for expected in (False, True):
+        descriptor, temporary = storage._create_incoming()
+        os.close(descriptor)
+        assert storage.commit_incoming(temporary, relative) is expected
+    storage.remove(relative)
+    assert not storage.absolute(relative).exists()

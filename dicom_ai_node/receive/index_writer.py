@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.index import ReceivedInstance, record_instance
+from dicom_ai_node.storage import DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class IndexWriter:
             with self.database.session() as session:
                 for pending in batch:
                     pending.is_new = record_instance(session, pending.item, series_known=pending.series_known)
-        except Exception:
+        except Exception:  # noqa: BLE001 - handed to the receiver waiting for its row
             if len(batch) == 1:
                 batch[0].error = _current_error()
             else:
@@ -85,6 +86,14 @@ class IndexWriter:
 
 
 def _current_error() -> BaseException:
+    """The error being handled; a full disk under the database becomes DiskFullError, so the
+    sender gets "out of resources" (A700) rather than a processing failure."""
     import sys
 
-    return sys.exc_info()[1]
+    error = sys.exc_info()[1]
+    text = str(error)
+    if "database or disk is full" in text or "No space left on device" in text:
+        full = DiskFullError("disk full while writing the index")
+        full.__cause__ = error
+        return full
+    return error
