@@ -25,6 +25,7 @@ from dicom_ai_node.storage import Storage
 from dicom_ai_node.web import actions, previews, rules_editing, users
 from dicom_ai_node.web.actions import NotFound, Refused
 from dicom_ai_node.web.api.audit import audit_events
+from dicom_ai_node.web.api.common import PageNumber, RowId, Version
 from dicom_ai_node.web.api.destinations import DestinationFields
 from dicom_ai_node.web.api.models import models_json
 from dicom_ai_node.web.auth import (SESSION_COOKIE, Context, LoginFailed, LoginThrottled, PageAdmin, PageUser,
@@ -147,7 +148,8 @@ def _progress(job: Job) -> dict:
 
 
 @router.get("/studies")
-def studies(request: Request, ctx: Context, user: PageUser, q: str = "", state: str = "", page: int = 0):
+def studies(request: Request, ctx: Context, user: PageUser, q: str = "", state: str = "",
+            page: PageNumber = 0):
     with ctx.database.session() as session:
         listing = inspect.list_studies(session, 50, max(page, 0) * 50, text=q[:128] or None,
                                        state=state if state in ("receiving", "complete") else None)
@@ -168,7 +170,7 @@ def study(request: Request, ctx: Context, user: PageUser, study_uid: str):
 
 
 @router.get("/results/{result_id}/file")
-def result_file(ctx: Context, _user: PageUser, result_id: int):
+def result_file(ctx: Context, _user: PageUser, result_id: RowId):
     """The result object as a DICOM file (Part 10), for download."""
     with ctx.database.session() as session:
         result = _result(session, result_id)
@@ -179,7 +181,7 @@ def result_file(ctx: Context, _user: PageUser, result_id: int):
 
 
 @router.get("/results/{result_id}/image.png")
-def key_image(ctx: Context, _user: PageUser, result_id: int):
+def key_image(ctx: Context, _user: PageUser, result_id: RowId):
     """A key image (Secondary Capture result) as PNG, for the held-results and study pages."""
     with ctx.database.session() as session:
         result = _result(session, result_id)
@@ -224,13 +226,13 @@ def _held_json(session, job: Job) -> dict:
 
 
 @router.post("/jobs/{job_id}/release")
-def release(ctx: Context, user: PageAdmin, job_id: int, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
+def release(ctx: Context, user: PageAdmin, job_id: RowId, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
             next: Annotated[str, Form()] = "/held"):
     return _review(ctx, user, job_id, "release", comment, next)
 
 
 @router.post("/jobs/{job_id}/reject")
-def reject(ctx: Context, user: PageAdmin, job_id: int, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
+def reject(ctx: Context, user: PageAdmin, job_id: RowId, comment: Annotated[str, Form(max_length=MAX_COMMENT)] = "",
            next: Annotated[str, Form()] = "/held"):
     return _review(ctx, user, job_id, "reject", comment, next)
 
@@ -259,7 +261,7 @@ def _local(path: str, fallback: str) -> str:
 
 
 @router.post("/jobs/{job_id}/retry")
-def retry(ctx: Context, user: PageAdmin, job_id: int, study: Annotated[str, Form()] = ""):
+def retry(ctx: Context, user: PageAdmin, job_id: RowId, study: Annotated[str, Form()] = ""):
     try:
         with ctx.database.session() as session:
             how = actions.retry_job(session, job_id, user.name)
@@ -271,7 +273,7 @@ def retry(ctx: Context, user: PageAdmin, job_id: int, study: Annotated[str, Form
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(ctx: Context, user: PageAdmin, job_id: int, study: Annotated[str, Form()] = ""):
+def cancel(ctx: Context, user: PageAdmin, job_id: RowId, study: Annotated[str, Form()] = ""):
     try:
         with ctx.database.session() as session:
             actions.cancel_job(session, job_id, user.name)
@@ -281,7 +283,7 @@ def cancel(ctx: Context, user: PageAdmin, job_id: int, study: Annotated[str, For
 
 
 @router.post("/deliveries/{delivery_id}/resend")
-def resend(ctx: Context, user: PageAdmin, delivery_id: int, study: Annotated[str, Form()] = ""):
+def resend(ctx: Context, user: PageAdmin, delivery_id: RowId, study: Annotated[str, Form()] = ""):
     try:
         with ctx.database.session() as session:
             actions.resend_delivery(session, delivery_id, user.name)
@@ -295,7 +297,7 @@ def resend(ctx: Context, user: PageAdmin, delivery_id: int, study: Annotated[str
 
 
 @router.get("/rules")
-def rules_page(request: Request, ctx: Context, user: PageUser, version: int | None = None):
+def rules_page(request: Request, ctx: Context, user: PageUser, version: Version = None):
     with ctx.database.session() as session:
         active = ctx.rules.active_version(session)
         shown = session.get(RuleSetVersion, version or active) if (version or active) else None
@@ -409,7 +411,8 @@ def model_toggle(ctx: Context, user: PageAdmin, name: str, enable: Annotated[boo
 
 
 @router.get("/audit")
-def audit_page(request: Request, ctx: Context, user: PageUser, actor: str = "", action: str = "", page: int = 0):
+def audit_page(request: Request, ctx: Context, user: PageUser, actor: str = "", action: str = "",
+               page: PageNumber = 0):
     page = max(page, 0)
     with ctx.database.session() as session:
         events = audit_events(session, actor[:64] or None, action[:64] or None, 100, page * 100)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Annotated
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Path, Query
 from pydantic import BaseModel
 
 from dicom_ai_node.web.actions import NotFound, Refused
@@ -14,6 +15,13 @@ from dicom_ai_node.web.rules_editing import RulesInvalid
 ERRORS = {401: {"description": "not logged in and no API token"},
           403: {"description": "viewer role, or missing CSRF header with a session cookie"}}
 ADMIN_ERRORS = {**ERRORS, 404: {"description": "no such thing"}, 409: {"description": "refused in this state"}}
+
+
+# numbers from a URL that reach the database: bounded, so a huge one is a 422, not an overflow (500)
+MAX_ROW_ID = 2**31 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+PageNumber = Annotated[int, Query(ge=0, le=100_000)]
+Version = Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)]
 
 
 class Message(BaseModel):
