@@ -15,6 +15,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.db.models import Instance, Series, Study, utcnow
+from dicom_ai_node.imaging.functional_groups import shared_frame_values
 
 # Binary and nested values are useless for routing and can be huge.
 _SKIPPED_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"}
@@ -22,7 +23,9 @@ _MAX_TEXT = 256
 
 
 def header_attributes(dataset: Dataset) -> dict[str, object]:
-    """Top-level header values as JSON (keyword -> str | int | float | list): what rules test."""
+    """Top-level header values as JSON (keyword -> str | int | float | list): what rules test.
+    An enhanced multi-frame object also gets the values all its frames share in its functional
+    groups (ImageOrientationPatient, PixelSpacing, SliceThickness, ...) under their classic keywords."""
     attributes: dict[str, object] = {}
     for element in dataset:
         if element.VR in _SKIPPED_VRS or element.tag.is_private or element.tag.group == 0x0002:
@@ -34,6 +37,8 @@ def header_attributes(dataset: Dataset) -> dict[str, object]:
             continue
         if value is not None:
             attributes[keyword] = value
+    for keyword, value in shared_frame_values(dataset).items():
+        attributes.setdefault(keyword, value)
     return attributes
 
 

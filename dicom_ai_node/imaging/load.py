@@ -22,6 +22,7 @@ from pydicom.pixels import iter_pixels
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 
+from dicom_ai_node.imaging.functional_groups import shared_frame_values
 from dicom_ai_node.imaging.volume import SourceFrame, Volume, VolumeError
 
 ORIENTATION_TOLERANCE = 1e-3  # difference between direction cosines still counted as "same"
@@ -344,7 +345,9 @@ _PER_IMAGE = {"SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "Slice
 
 
 def _series_attributes(headers: list[Dataset]) -> dict:
-    """Top-level public, non-sequence values that every file of the series shares."""
+    """Top-level public, non-sequence values that every file of the series shares; for enhanced
+    multi-frame files also the functional-group values all their frames share (RescaleSlope,
+    WindowCenter, ... under their classic keywords, as a model's input check expects them)."""
     attributes = {}
     first = headers[0]
     for tag in list(first.keys()):
@@ -357,6 +360,10 @@ def _series_attributes(headers: list[Dataset]) -> dict:
             continue
         value = _plain(element.value)
         if all(_same_value(header, tag, first_raw, value) for header in headers[1:]):
+            attributes[keyword] = value
+    lifted = [shared_frame_values(header) for header in headers]
+    for keyword, value in lifted[0].items():
+        if keyword not in attributes and all(other.get(keyword) == value for other in lifted[1:]):
             attributes[keyword] = value
     return attributes
 

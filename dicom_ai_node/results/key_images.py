@@ -77,6 +77,11 @@ def build_key_images(
         image.DerivationDescription = f"Slice {index + 1} of {volume.shape[0]} with {manifest.algorithm_name} result"[:1024]
         image.SourceImageSequence = [_source_reference(frame)]
         common.copy_clinical_context(image, source)
+        if "BodyPartExamined" not in image and "Laterality" not in image:
+            # Laterality is Type 2C: with no body part nobody knows whether it is paired, so it
+            # is sent empty ("unknown"); absent, dciodvfy counts an error (e.g. an enhanced CT
+            # made by a legacy converter keeps BodyPartExamined in its functional groups)
+            image.Laterality = None
         common.add_contributing_equipment(image, manifest)
         images.append(image)
     return images

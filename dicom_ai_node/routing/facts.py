@@ -13,6 +13,8 @@ class SeriesFacts:
     series_instance_uid: str
     # header of its first instance, keyword -> value (str, int, float, list of those);
     # study and series level merged. Multi-valued attributes must be lists, not "A\\B" strings.
+    # For an enhanced multi-frame instance the index adds what all its frames share in the
+    # functional groups (ImageOrientationPatient, PixelSpacing, SliceThickness, ...).
     attributes: dict[str, object]
     # number of instances (for a single multi-frame instance: its NumberOfFrames)
     instance_count: int
