@@ -45,6 +45,10 @@ class NodeConfig:
     complete_on_release: bool = True  # a study may complete soon after its association ends
     release_grace_s: float = 1.0
     allow_any_caller: bool = False
+    allow_any_called_ae: bool = False  # False: only associations addressed to ae_title
+    association_timeout_s: float = 30.0  # ARTIM: a connection must be associated within this
+    max_pending_connections: int = 128  # connections not yet associated, in all ...
+    max_pending_per_address: int = 16  # ... and from one address; the excess is closed at once
     receivers: int = 1  # listener processes sharing the port (SO_REUSEPORT); >1 uses more cores
     allowed_callers: tuple[AllowedCaller, ...] = ()
     tls: TlsConfig | None = None
@@ -169,7 +173,9 @@ def load_config(path: str | Path) -> Config:
     raw = read.get(tree, "node", "", dict, default={})
     read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
                             "min_free_disk_mb", "complete_on_release", "release_grace_s",
-                            "allow_any_caller", "allowed_callers", "tls", "receivers"}, "node")
+                            "allow_any_caller", "allowed_callers", "tls", "receivers",
+                            "allow_any_called_ae", "association_timeout_s", "max_pending_connections",
+                            "max_pending_per_address"}, "node")
     callers = []
     for i, item in enumerate(read.get(raw, "allowed_callers", "node", list, default=[])):
         where = f"node.allowed_callers[{i}]"
@@ -197,6 +203,13 @@ def load_config(path: str | Path) -> Config:
         release_grace_s=read.get(raw, "release_grace_s", "node", float, 1.0, lambda v: v >= 0,
                                  "must be >= 0"),
         allow_any_caller=read.get(raw, "allow_any_caller", "node", bool, False),
+        allow_any_called_ae=read.get(raw, "allow_any_called_ae", "node", bool, False),
+        association_timeout_s=read.get(raw, "association_timeout_s", "node", float, 30.0,
+                                       lambda v: 0 < v <= 3600, "must be > 0 and <= 3600"),
+        max_pending_connections=read.get(raw, "max_pending_connections", "node", int, 128,
+                                         lambda v: v >= 1, "must be >= 1"),
+        max_pending_per_address=read.get(raw, "max_pending_per_address", "node", int, 16,
+                                         lambda v: v >= 1, "must be >= 1"),
         receivers=read.get(raw, "receivers", "node", int, 1, lambda v: 1 <= v <= 16, "must be 1..16"),
         allowed_callers=tuple(callers),
         tls=read.tls(raw, "node"),

@@ -105,22 +105,30 @@ def test_negotiation_accepts_storage_and_verification_only(node_factory):
 # -- a raw socket that breaks the protocol ---------------------------------------------
 
 
-def raw_associate(node) -> socket.socket:
-    """A-ASSOCIATE-RQ for CT Image Storage (context 1, Explicit VR LE), by hand."""
+def associate_rq(abstract_syntaxes=(CTImageStorage,), called_ae: str = NODE_AE) -> bytes:
+    """An A-ASSOCIATE-RQ PDU, contexts 1, 3, ... in Explicit VR LE, by hand."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = "STORESCU"
-    primitive.called_ae_title = NODE_AE
-    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
+    primitive.called_ae_title = called_ae
+    contexts = []
+    for index, abstract_syntax in enumerate(abstract_syntaxes):
+        context = build_context(abstract_syntax, [ExplicitVRLittleEndian])
+        context.context_id = 2 * index + 1
+        contexts.append(context)
+    primitive.presentation_context_definition_list = contexts
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = 16384
     primitive.user_information = [max_length]
     rq = A_ASSOCIATE_RQ()
     rq.from_primitive(primitive)
+    return rq.encode()
+
+
+def raw_associate(node) -> socket.socket:
+    """A-ASSOCIATE-RQ for CT Image Storage (context 1, Explicit VR LE), by hand."""
     connection = socket.create_connection(("127.0.0.1", node.port), timeout=10)
-    connection.sendall(rq.encode())
+    connection.sendall(associate_rq())
     pdu_type, length = struct.unpack(">BxL", connection.recv(6))
     assert pdu_type == 0x02  # A-ASSOCIATE-AC
     _read(connection, length)
@@ -239,3 +247,67 @@ def test_a_c_cancel_is_not_answered_and_the_association_goes_on(node_factory, tm
     assert read_response_status(connection) == 0x0000  # the first answer is the C-STORE's
     connection.close()
     assert rows(node, "select sop_instance_uid from instance") == [(dataset.SOPInstanceUID,)]
+
+
+# -- association negotiation and odd commands (issue 10) -----------------------------------
+
+
+def test_a_called_ae_title_other_than_the_nodes_is_rejected_unless_any_is_allowed(node_factory):
+    node = node_factory()
+    result = echoscu("127.0.0.1", node.port, "NOT_THIS_NODE", calling_ae="ECHOSCU")
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+    assert "called AE title 'NOT_THIS_NODE' is not this node's" in node.log()
+    assert echoscu("127.0.0.1", node.port, NODE_AE, calling_ae="ECHOSCU").returncode == 0
+
+    relaxed = node_factory(node_extra="allow_any_called_ae = true")
+    assert echoscu("127.0.0.1", relaxed.port, "NOT_THIS_NODE", calling_ae="ECHOSCU").returncode == 0
+
+
+def associate_reply(node, pdu: bytes) -> tuple[int, bytes]:
+    """(PDU type, body) of the node's answer to an A-ASSOCIATE-RQ sent on a fresh connection."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as connection:
+        connection.sendall(pdu)
+        pdu_type, length = struct.unpack(">BxL", _read(connection, 6))
+        return pdu_type, _read(connection, length)
+
+
+@pytest.mark.parametrize("abstract_syntaxes", [(), (PatientRootQueryRetrieveInformationModelFind,)],
+                         ids=["no context", "no acceptable context"])
+def test_an_association_without_a_usable_presentation_context_is_rejected(node_factory, abstract_syntaxes):
+    node = node_factory()
+    pdu_type, body = associate_reply(node, associate_rq(abstract_syntaxes))
+    assert pdu_type == 0x03  # A-ASSOCIATE-RJ
+    assert tuple(body[1:4]) == (0x01, 0x01, 0x01)  # permanent, service user, no reason given
+    assert "no acceptable presentation context" in node.log()
+    assert echoscu("127.0.0.1", node.port, NODE_AE, calling_ae="ECHOSCU").returncode == 0
+
+
+def release(connection) -> None:
+    connection.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+    pdu_type, length = struct.unpack(">BxL", _read(connection, 6))
+    assert pdu_type == 0x06  # A-RELEASE-RP
+    _read(connection, length)
+
+
+def test_a_non_ascii_affected_sop_instance_uid_gets_a_failure_status_and_the_association_goes_on(
+        node_factory, tmp_path):
+    node = node_factory()
+    dataset = write_tiny_ct(tmp_path / "ct.dcm")
+    placeholder = "1.2.826.0.1.9999"
+    command = c_store_rq(placeholder)
+    assert command.count(placeholder.encode()) == 1
+    command = command.replace(placeholder.encode(), "1.2.826.0.1.éé".encode())  # same length
+    connection = raw_associate(node)
+    connection.sendall(p_data(True, True, command))
+    connection.sendall(p_data(False, True, data_set_bytes(tmp_path / "ct.dcm")))
+    assert read_response_status(connection) == 0x0117  # Invalid SOP Instance
+    # the same association goes on: a good instance is stored, then a normal release
+    connection.sendall(p_data(True, True, c_store_rq(dataset.SOPInstanceUID)))
+    connection.sendall(p_data(False, True, data_set_bytes(tmp_path / "ct.dcm")))
+    assert read_response_status(connection) == 0x0000
+    release(connection)
+    connection.close()
+    assert rows(node, "select sop_instance_uid from instance") == [(dataset.SOPInstanceUID,)]
+    assert "Affected SOP Instance UID is not a valid UID" in node.log()
+    assert "Traceback" not in node.log()

@@ -23,8 +23,10 @@ from dicom_ai_node.receive.commands import (
     encode_response,
 )
 from dicom_ai_node.receive.incoming import IncomingInstance, file_meta
+from dicom_ai_node.storage import is_valid_uid
 
 if TYPE_CHECKING:
+    from dicom_ai_node.receive.listener import Connection
     from dicom_ai_node.receive.scp import StorageSCP
 
 log = logging.getLogger(__name__)
@@ -33,14 +35,16 @@ READ_CHUNK = 256 * 1024
 MAX_COMMAND_BYTES = 64 * 1024
 UNRECOGNISED_OPERATION = 0x0211
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+INVALID_SOP_INSTANCE = 0x0117  # PS3.7 C.5.7: the UID violates the UID construction rules
 VERIFICATION = "1.2.840.10008.1.1"
 C_CANCEL_RQ = 0x0FFF
 
 
 class Association:
-    def __init__(self, connection: socket.socket, address: tuple, scp: StorageSCP):
-        self.connection = connection
-        self.address = address[0] if address else "?"
+    def __init__(self, connection: Connection, scp: StorageSCP):
+        self._link = connection  # the listener's view: ARTIM deadline, association count
+        self.connection: socket.socket = connection.socket
+        self.address = connection.host
         self.scp = scp
         self.calling_ae_title = ""
         self.studies: set[str] = set()  # StudyInstanceUIDs stored on this association
@@ -63,6 +67,8 @@ class Association:
                         self.address, error)
             self._send_quietly(ul.abort(ul.ABORT_SOURCE_PROVIDER, error.reason))
         except (ConnectionError, TimeoutError, OSError) as error:
+            if self._link.timed_out:
+                return  # the listener closed it at the ARTIM deadline, and logged that
             log.warning("association from %s at %s ended without release: %s",
                         self.calling_ae_title or "?", self.address, error or type(error).__name__)
         except Exception:
@@ -77,7 +83,8 @@ class Association:
     # -- phases ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self.connection.settimeout(self.scp.acse_timeout)
+        # the listener closes the connection at the ARTIM deadline; this bounds each read too
+        self.connection.settimeout(self.scp.association_timeout_s)
         if self.scp.ssl_context is not None:
             self.connection.do_handshake()
         self._reader = self.connection.makefile("rb", buffering=READ_CHUNK)
@@ -92,6 +99,9 @@ class Association:
             if pdu_type == ul.P_DATA_TF:
                 self._read_p_data(length)
             elif pdu_type == ul.RELEASE_RQ:
+                if length != ul.RELEASE_PDU_LENGTH:  # never read a peer's length into memory
+                    raise ul.ProtocolError(f"A-RELEASE-RQ of {length} bytes "
+                                           f"({ul.RELEASE_PDU_LENGTH} expected)")
                 ul.read_exact(self._reader, length)
                 if self._command is not None or self._command_bytes:
                     log.warning("A-RELEASE-RQ from %s in the middle of a message", self.calling_ae_title)
@@ -125,13 +135,11 @@ class Association:
         body = ul.read_exact(self._reader, length)
         request = ul.decode_associate_rq(bytes([pdu_type, 0]) + length.to_bytes(4, "big") + body)
         self.calling_ae_title = request.calling_ae_title
-        rejection = self.scp.check_association(request, self.address)
-        if rejection is None and not request.protocol_version_ok:
-            rejection = ul.REJECT_PROTOCOL_VERSION
+        accept, self._contexts = ul.negotiate(request)
+        rejection = self.scp.check_association(request, self._link, len(self._contexts))
         if rejection is not None:
             self.connection.sendall(ul.associate_rj(*rejection))
             return False
-        accept, self._contexts = ul.negotiate(request)
         self.connection.sendall(accept)
         log.debug("association from %s at %s accepted, %d presentation contexts", self.calling_ae_title,
                   self.address, len(self._contexts))
@@ -172,8 +180,9 @@ class Association:
         self._command_bytes = bytearray()
         if command.has_data_set:
             self._command, self._command_context = command, context
-            if command.command_field == C_STORE_RQ:
-                # a request without its UIDs is refused once the data set is in (they differ)
+            if command.command_field == C_STORE_RQ and is_valid_uid(command.affected_sop_instance_uid):
+                # a request without its SOP Class UID is refused once the data set is in (they differ);
+                # one whose SOP Instance UID is no UID gets no file: its data set is read and dropped
                 self._instance = IncomingInstance(self.scp.storage, file_meta(
                     command.affected_sop_class_uid, command.affected_sop_instance_uid,
                     context.transfer_syntax, self.calling_ae_title, ul.IMPLEMENTATION_CLASS_UID,
@@ -202,6 +211,12 @@ class Association:
         self._command = self._command_context = self._instance = None
         if command.command_field != C_STORE_RQ:
             self._respond(context, command, UNRECOGNISED_OPERATION, "Only C-STORE and C-ECHO are served")
+            return
+        if instance is None:
+            log.warning("refused C-STORE from %s: its Affected SOP Instance UID is not a valid UID",
+                        self.calling_ae_title)
+            self.refused += 1
+            self._respond(context, command, INVALID_SOP_INSTANCE, "Affected SOP Instance UID is not a valid UID")
             return
         try:
             status, comment = self._store(context, command, instance)

@@ -73,9 +73,10 @@ def decode_command(data: bytes) -> Command:
 
 def encode_response(request: Command, status: int, error_comment: str | None = None) -> bytes:
     """The response to ``request`` (C-STORE-RSP, C-ECHO-RSP, or the response of any other
-    command with the same Command Field | 0x8000), with no data set."""
+    command with the same Command Field | 0x8000), with no data set. The request's UIDs are
+    echoed when they can be (they are optional in a response): a UID that is not ASCII is left out."""
     elements = []
-    if request.affected_sop_class_uid:
+    if _echoable(request.affected_sop_class_uid):
         elements.append(_element(_AFFECTED_SOP_CLASS_UID, _ui_bytes(request.affected_sop_class_uid)))
     elements.append(_element(_COMMAND_FIELD, struct.pack("<H", request.command_field | 0x8000)))
     elements.append(_element(_MESSAGE_ID_RESPONDED_TO, struct.pack("<H", request.message_id)))
@@ -83,7 +84,7 @@ def encode_response(request: Command, status: int, error_comment: str | None = N
     elements.append(_element(_STATUS, struct.pack("<H", status)))
     if error_comment:
         elements.append(_element(_ERROR_COMMENT, _lo_bytes(error_comment)))
-    if request.affected_sop_instance_uid:
+    if _echoable(request.affected_sop_instance_uid):
         elements.append(_element(_AFFECTED_SOP_INSTANCE_UID, _ui_bytes(request.affected_sop_instance_uid)))
     body = b"".join(elements)
     return _element(_COMMAND_GROUP_LENGTH, struct.pack("<L", len(body))) + body
@@ -98,7 +99,12 @@ def _us(value: bytes) -> int:
 
 
 def _ui(value: bytes) -> str:
+    # a byte that is not ASCII becomes U+FFFD: such a UID never passes a UID check or reaches a response
     return value.decode("ascii", "replace").rstrip("\0 ").strip()
+
+
+def _echoable(uid: str) -> bool:
+    return bool(uid) and uid.isascii() and len(uid) <= 64
 
 
 def _ui_bytes(uid: str) -> bytes:

@@ -12,7 +12,6 @@ streams from the socket to its file, and an association costs one thread and no 
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 
 from pydicom.dataset import Dataset
@@ -28,7 +27,7 @@ from dicom_ai_node.receive.association import Association
 from dicom_ai_node.receive.commands import Command
 from dicom_ai_node.receive.incoming import IncomingInstance
 from dicom_ai_node.receive.index_writer import IndexWriter
-from dicom_ai_node.receive.listener import Listener
+from dicom_ai_node.receive.listener import Connection, ConnectionLimits, Listener
 from dicom_ai_node.storage import DiskFullError, Storage, StorageError, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,6 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 class StorageSCP:
-    acse_timeout = 30.0  # seconds to receive the A-ASSOCIATE-RQ (and finish a TLS handshake)
     network_timeout = 60.0  # seconds of silence before an established association is dropped
 
     def __init__(self, config: NodeConfig, database: Database, storage: Storage):
@@ -71,8 +69,12 @@ class StorageSCP:
         port (SO_REUSEPORT) and the kernel spreads associations across them."""
         self.ssl_context = server_ssl_context(self.config.tls) if self.config.tls else None
         self._index = IndexWriter(self.database)
+        limits = ConnectionLimits(association_timeout_s=self.config.association_timeout_s,
+                                  max_pending=self.config.max_pending_connections,
+                                  max_pending_per_address=self.config.max_pending_per_address,
+                                  max_associations=MAXIMUM_ASSOCIATIONS)
         self._listener = Listener(self.config.host, self.config.port, self._serve,
-                                  ssl_context=self.ssl_context, shared_port=shared_port)
+                                  ssl_context=self.ssl_context, shared_port=shared_port, limits=limits)
         self._listener.start()
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
                  self.port, " (TLS)" if self.ssl_context else "")
@@ -95,17 +97,36 @@ class StorageSCP:
 
     # -- association level -------------------------------------------------------------
 
-    def _serve(self, connection: socket.socket, address: tuple) -> None:
-        Association(connection, address, self).run()
+    def _serve(self, connection: Connection) -> None:
+        Association(connection, self).run()
 
-    def check_association(self, request: ul.AssociationRequest, address: str) -> tuple[int, int, int] | None:
-        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+    @property
+    def association_timeout_s(self) -> float:
+        return self.config.association_timeout_s
+
+    def check_association(self, request: ul.AssociationRequest, connection: Connection,
+                          accepted_contexts: int) -> tuple[int, int, int] | None:
+        """None to accept (the connection then counts as an association), else the
+        A-ASSOCIATE-RJ (result, source, reason). ``accepted_contexts``: how many of the
+        proposed presentation contexts negotiation accepted."""
+        address = connection.host
         if not is_allowed(self.config.allowed_callers, self.config.allow_any_caller,
                           request.calling_ae_title, address):
             log.warning("rejected association from AE %r at %s: not on the allow-list",
                         request.calling_ae_title, address)
             return ul.REJECT_CALLING_AE_NOT_RECOGNISED
-        if self._listener is not None and self._listener.active_connections > MAXIMUM_ASSOCIATIONS:
+        if not self.config.allow_any_called_ae and request.called_ae_title != self.config.ae_title.strip():
+            log.warning("rejected association from AE %r at %s: called AE title %r is not this "
+                        "node's %r (allow_any_called_ae = true accepts any)", request.calling_ae_title,
+                        address, request.called_ae_title, self.config.ae_title)
+            return ul.REJECT_CALLED_AE_NOT_RECOGNISED
+        if not accepted_contexts:  # none proposed, or none this node serves
+            log.warning("rejected association from AE %r at %s: no acceptable presentation context "
+                        "(%d proposed)", request.calling_ae_title, address, request.proposed_contexts)
+            return ul.REJECT_NO_REASON
+        if not request.protocol_version_ok:
+            return ul.REJECT_PROTOCOL_VERSION
+        if not connection.associate():
             log.warning("rejected association from AE %r at %s: %d associations open already",
                         request.calling_ae_title, address, MAXIMUM_ASSOCIATIONS)
             return ul.REJECT_LOCAL_LIMIT_EXCEEDED

@@ -40,6 +40,9 @@ MAX_PDU_RECEIVED = 4 * 2**20
 # An A-ASSOCIATE-RQ is a few KB; refuse absurd ones before reading them into memory.
 MAX_ASSOCIATE_RQ = 1 * 2**20
 
+# A-RELEASE-RQ and A-RELEASE-RP have a fixed length (PS3.8 9.3.6, 9.3.7)
+RELEASE_PDU_LENGTH = 4
+
 # A-ABORT source / reason (PS3.8 9.3.8)
 ABORT_SOURCE_PROVIDER = 0x02
 REASON_NOT_SPECIFIED, REASON_UNRECOGNISED_PDU, REASON_UNEXPECTED_PDU = 0x00, 0x01, 0x02
@@ -104,7 +107,9 @@ def associate_rj(result: int, source: int, reason: int) -> bytes:
 
 
 # A-ASSOCIATE-RJ (result, source, reason) - PS3.8 9.3.4
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_CALLING_AE_NOT_RECOGNISED = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE_NOT_RECOGNISED = (0x01, 0x01, 0x07)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
 REJECT_LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 
@@ -115,6 +120,10 @@ class AssociationRequest:
     called_ae_title: str
     primitive: A_ASSOCIATE
     protocol_version_ok: bool
+
+    @property
+    def proposed_contexts(self) -> int:
+        return len(self.primitive.presentation_context_definition_list or [])
 
 
 def decode_associate_rq(pdu: bytes) -> AssociationRequest:
