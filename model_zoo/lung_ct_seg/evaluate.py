@@ -10,7 +10,8 @@ lists those patients), else the cross-validation weights ``folds/without_<patien
 train.py made with ``--exclude <patient>``. ``--weights`` evaluates one weights file on all
 cases instead (development). The LIDC slice also gets lungmask R231's published area.
 A crop left with fewer slices than the model accepts (model.toml min_slices) is reported
-as such, not run.
+as such, not run. Each line also has the node's own verdict on the result: model.toml [qc]
+through model_zoo.quality, as the runner checks it before anything is delivered.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ import numpy as np
 import torch
 
 from model_zoo.ct_data import volume_from_array
-from model_zoo.lung_ct_seg.data import CASES, DEFAULT_DATA, STRESS_CROPS, load_case, stress_crop
+from model_zoo.lung_ct_seg.data import (
+    CASES,
+    DEFAULT_DATA,
+    STRESS_CROPS,
+    load_case,
+    stress_crop,
+)
 from model_zoo.manifest import load_manifest
+from model_zoo.quality import check_output, failures
 
 HERE = Path(__file__).resolve().parent
 LUNGMASK_R231_PIXELS_PER_SLICE = (64752 + 36536) / 2  # lungmask tests/test_mask.py, two identical slices
@@ -70,9 +78,12 @@ def evaluate_case(model, name: str, data: Path, min_slices: int) -> list[dict]:
         if image.shape[0] < min_slices:
             rows.append({**row, "note": f"{image.shape[0]} slices: below the model's minimum of {min_slices}"})
             continue
+        volume = volume_from_array(image, spacing)
         started = time.perf_counter()
-        mask = model.predict(volume_from_array(image, spacing)).segments[0].mask
-        row.update(seconds=time.perf_counter() - started, dice=dice(mask, truth), predicted_ml=mask.sum() * voxel_ml)
+        output = model.predict(volume)
+        mask = output.segments[0].mask
+        row.update(seconds=time.perf_counter() - started, dice=dice(mask, truth), predicted_ml=mask.sum() * voxel_ml,
+                   qc=failures(check_output(model.manifest, output, volume.voxel_volume_ml)))
         row["volume_error_pct"] = 100 * (row["predicted_ml"] - row["reference_ml"]) / row["reference_ml"]
         if name == "lidc_slice":
             area = float(mask[mask.shape[0] // 2].sum())
@@ -84,19 +95,20 @@ def evaluate_case(model, name: str, data: Path, min_slices: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], weights_of: dict[str, str]) -> str:
-    lines = ["| case | crop | weights | slices x rows x cols | reference mL | predicted mL | volume error | Dice |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = ("| case | crop | weights | slices x rows x cols | reference mL | predicted mL | volume error | Dice "
+              "| node's [qc] |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         shape = " x ".join(str(n) for n in row["shape"])
         if "dice" not in row:
             lines.append(f"| {row['case']} | {row['crop']} | | {shape} | {row['reference_ml']:.0f} | – | – | "
-                         f"n/a: {row['note']} |")
+                         f"n/a: {row['note']} | |")
             continue
         flag = "" if row["dice"] >= 0.95 else " **(< 0.95)**"
         note = f" ({row['note']})" if row.get("note") else ""
         lines.append(f"| {row['case']} | {row['crop']} | {weights_of[row['case']]} | {shape} | "
                      f"{row['reference_ml']:.0f} | {row['predicted_ml']:.0f} | {row['volume_error_pct']:+.1f} % | "
-                     f"{row['dice']:.3f}{flag}{note} |")
+                     f"{row['dice']:.3f}{flag}{note} | {'; '.join(row['qc']) or 'pass'} |")
     return "\n".join(lines)
 
 
@@ -163,7 +175,8 @@ def main(argv=None):
         weights_of[case.name] = weights.name
         for row in evaluate_case(models[weights], case.name, args.data, min_slices):
             rows.append(row)
-            score = f"Dice {row['dice']:.3f}, {row['volume_error_pct']:+.1f} %" if "dice" in row else row["note"]
+            score = (f"Dice {row['dice']:.3f}, {row['volume_error_pct']:+.1f} %, qc {'FAIL' if row['qc'] else 'pass'}"
+                     if "dice" in row else row["note"])
             print(f"{row['case']:20s} {row['crop']:11s} {score}", flush=True)
     print()
     print(markdown(rows, weights_of))
