@@ -25,6 +25,10 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 
+from dicom_ai_node.db.engine import Database
+from dicom_ai_node.index import ReceivedInstance
+from dicom_ai_node.receive.index_writer import IndexWriter
+from dicom_ai_node.storage import DiskFullError
 from tests.node_process import NODE_AE, NodeProcess
 from tests.peers import skip_unless_tools, storescu, storescu_failures, write_tiny_ct
 
@@ -345,6 +349,33 @@ def test_the_disk_reserve_is_checked_while_an_instance_streams_in(small_disk, tm
     assert not storescu_failures(second)  # the database and the node are fine
     assert rows(node, "select sop_instance_uid from instance") == [(small.SOPInstanceUID,)]
     assert "MiB must stay free" in node.log()
+
+
+def test_a_full_disk_under_the_index_is_out_of_resources(small_disk):
+    # the index's SQLite database on a disk filled up to the last byte: the row cannot be
+    # written, and the receiver is told "disk full" (A700 for the sender), not an unknown error
+    database = Database(f"sqlite:///{small_disk / 'node.db'}")
+    database.upgrade()
+    writer = IndexWriter(database)
+    header = Dataset()
+    header.Modality = "CT"
+    item = ReceivedInstance(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5",
+                            sop_class_uid=CTImageStorage, transfer_syntax_uid=ExplicitVRLittleEndian,
+                            path="instances/1.2.3/1.2.3.4/1.2.3.4.5.dcm", size_bytes=100,
+                            calling_ae_title="STORESCU", header=header)
+    try:
+        with open(small_disk / "filler", "wb", buffering=0) as filler:
+            block = bytes(MiB)
+            for _ in range(128):  # bounded: the disk holds 64 MiB
+                try:
+                    filler.write(block)
+                except OSError:
+                    break
+        with pytest.raises(DiskFullError):
+            writer.record(item, series_known=False)
+    finally:
+        writer.stop()
+        database.dispose()
 
 
 # -- restarts -----------------------------------------------------------------------------------------
