@@ -99,6 +99,15 @@ def test_a_deflated_data_set_is_walked_without_inflating_it_whole(tmp_path):
         check_data_set(InflatedSource(path, len(META)), False, True)
 
 
+def test_bytes_after_the_end_of_a_deflate_stream_end_the_walk(tmp_path):
+    data = encode(data_set(pixels=300_000))  # more than one inflated chunk
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    path = tmp_path / "incoming.tmp"
+    path.write_bytes(META + compressor.compress(data) + compressor.flush() + b"trailing")
+    walked = check_data_set(InflatedSource(path, len(META)), False, True, WANTED)
+    assert header_from_values(walked.values).SOPInstanceUID == "1.2.3.4.5"
+
+
 @pytest.mark.parametrize("missing", [1, 2, 7, 8, 100])
 def test_pixel_data_cut_short_is_refused(tmp_path, missing):
     data = encode(data_set(pixels=256))

@@ -107,6 +107,9 @@ class InflatedSource:
         return True
 
     def _inflate_some(self) -> bytes:
+        if self._inflater.eof:  # the deflate stream ended; bytes after it are not data
+            self._ended = True
+            return b""
         data = self._inflater.unconsumed_tail or self._file.read(_READ_CHUNK)
         if not data:
             self._ended = True
