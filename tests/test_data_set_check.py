@@ -99,6 +99,15 @@ def test_a_deflated_data_set_is_walked_without_inflating_it_whole(tmp_path):
         check_data_set(InflatedSource(path, len(META)), False, True)
 
 
+def test_implicit_vr_under_an_explicit_transfer_syntax_is_walked_as_pydicom_reads_it(tmp_path):
+    data = encode(data_set(), implicit=True)
+    source = file_source(tmp_path, data)
+    walked = check_data_set(source, False, True, WANTED)
+    header = read_dataset(DicomBytesIO(header_bytes(source, walked.header)), False, True)
+    source.close()
+    assert header.ReferencedImageSequence[0].ReferencedSOPInstanceUID == "9.9.9"
+
+
 def test_bytes_after_the_end_of_a_deflate_stream_end_the_walk(tmp_path):
     data = encode(data_set(pixels=300_000))  # more than one inflated chunk
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)

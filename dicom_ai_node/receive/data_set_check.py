@@ -143,6 +143,8 @@ class Walked:
 def check_data_set(source, implicit_vr: bool, little_endian: bool = True,
                    wanted: Container[int] = ()) -> Walked:
     """Walk the whole data set (see the module's docstring); raises DataSetError."""
+    if not implicit_vr and source.has(8) and not source.read(4, 2).isupper():
+        implicit_vr = True  # implicit VR despite its transfer syntax: pydicom reads it so too
     walker = _Walker(source, implicit_vr, little_endian)
     walked = Walked([], {})
     header_size = 0
