@@ -378,6 +378,43 @@ def test_a_full_disk_under_the_index_is_out_of_resources(small_disk):
         database.dispose()
 
 
+
+def test_a_stored_file_whose_index_row_fails_is_removed(small_disk, tmp_path):
+    # the storage has room, the database's disk is full: the sender gets A700 and the file
+    # moved into instances/ is taken out again, so no stored file is left without its row
+    from dicom_ai_node.config import NodeConfig
+    from dicom_ai_node.receive.commands import Command
+    from dicom_ai_node.receive.incoming import IncomingInstance, file_meta
+    from dicom_ai_node.receive.scp import OUT_OF_RESOURCES, StorageSCP
+    from dicom_ai_node.storage import Storage
+
+    database = Database(f"sqlite:///{small_disk / 'node.db'}")
+    database.upgrade()
+    storage = Storage(tmp_path / "storage")
+    scp = StorageSCP(NodeConfig(port=0, storage_dir=tmp_path / "storage", min_free_disk_mb=1), database, storage)
+    scp.start()
+    try:
+        dataset = ct(tmp_path)
+        meta = file_meta(CTImageStorage, dataset.SOPInstanceUID, ExplicitVRLittleEndian, "STORESCU",
+                         "1.2.3", "TEST")
+        instance = IncomingInstance(storage, meta)
+        instance.write(memoryview(encode(dataset)))
+        instance.finish()
+        with open(small_disk / "filler", "wb", buffering=0) as filler:
+            for _ in range(128):  # bounded: the disk holds 64 MiB
+                try:
+                    filler.write(bytes(MiB))
+                except OSError:
+                    break
+        request = Command(command_field=1, message_id=1, has_data_set=True,
+                          affected_sop_class_uid=CTImageStorage, affected_sop_instance_uid=dataset.SOPInstanceUID)
+        status, _, _ = scp.store(instance, request, ExplicitVRLittleEndian, "STORESCU")
+        assert status == OUT_OF_RESOURCES
+        assert not [p for p in (tmp_path / "storage" / "instances").rglob("*") if p.is_file()]
+    finally:
+        scp.stop()
+        database.dispose()
+
 # -- restarts -----------------------------------------------------------------------------------------
 
 

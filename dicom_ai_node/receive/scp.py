@@ -183,12 +183,18 @@ class StorageSCP:
             raise _Refused(DATASET_DOES_NOT_MATCH, "SOPClassUID in the dataset differs from the "
                                                    "C-STORE request's Affected SOP Class UID")
         path = self.storage.instance_path(study_uid, series_uid, sop_uid)
-        self.storage.commit_incoming(instance.path, path)
+        replaced = self.storage.commit_incoming(instance.path, path)
         item = ReceivedInstance(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
                                 sop_class_uid=sop_class, transfer_syntax_uid=transfer_syntax,
                                 path=path, size_bytes=instance.file_size, calling_ae_title=calling_ae,
                                 header=header)
-        is_new = self._index.record(item, series_known=series_uid in self._known_series)
+        try:
+            is_new = self._index.record(item, series_known=series_uid in self._known_series)
+        except BaseException:
+            # never a stored file without its row; a resend keeps its file (its old row points to it)
+            if not replaced:
+                self.storage.remove(path)
+            raise
         if len(self._known_series) > 100_000:
             self._known_series.clear()  # bounded; forgetting only costs two cheap inserts
         self._known_series.add(series_uid)
