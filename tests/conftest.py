@@ -15,6 +15,17 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def database(tmp_path):
+    """An empty node database (SQLite, migrated) in the test's folder."""
+    from dicom_ai_node.db.engine import Database
+
+    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
 def shared_dicom_files(max_bytes: float = 50e6) -> list[Path]:
     """The files of ../shared/data with the DICM marker, up to ``max_bytes`` each, sorted;
     NIfTI, text and other files are left out."""

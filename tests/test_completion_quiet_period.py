@@ -17,7 +17,6 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_ai_node.completion import CompletionWatcher
-from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Study
 from dicom_ai_node.index import ReceivedInstance, record_instance
 from dicom_ai_node.router import Router, RuleStore
@@ -27,14 +26,6 @@ from tests.synthetic import make_ct_series
 
 RULE = {"name": "slow-protocol", "priority": 10, "models": ["lung_ct_seg"], "destinations": [],
         "when": {"tag": "Modality", "equals": "CT"}}
-
-
-@pytest.fixture
-def database(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    database.upgrade()
-    yield database
-    database.dispose()
 
 
 def receive_and_release(database, study: str, modality: str = "CT"):

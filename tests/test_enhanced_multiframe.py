@@ -63,14 +63,6 @@ def index(database: Database, path: Path) -> None:
             header.file_meta.TransferSyntaxUID, str(path), path.stat().st_size, "STORESCU", header))
 
 
-@pytest.fixture
-def database(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    database.upgrade()
-    yield database
-    database.dispose()
-
-
 def test_index_and_selector_see_an_enhanced_ct_like_its_classic_series(tmp_path, database):
     classic = make_ct_series(tmp_path / "ct", shape=(20, 32, 32), spacing=(2.5, 0.8, 0.7))
     enhanced = make_enhanced_ct(classic, tmp_path / "enhanced" / "ct.dcm")

@@ -10,7 +10,6 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from dicom_ai_node.completion import CompletionWatcher
-from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Job, JobState, RoutingDecision, Study
 from dicom_ai_node.index import ReceivedInstance, record_instance
 from dicom_ai_node.router import Router, RuleStore
@@ -21,14 +20,6 @@ RULES = [
     {"name": "head", "priority": 5, "models": ["lung_ct_seg"], "destinations": ["pacs"],
      "when": {"tag": "BodyPartExamined", "equals": "HEAD"}},
 ]
-
-
-@pytest.fixture
-def database(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'node.db'}")
-    database.upgrade()
-    yield database
-    database.dispose()
 
 
 def receive(database, series: str, sop: str, body_part: str = "CHEST", study: str = "1.2.3"):
