@@ -38,6 +38,7 @@ from model_zoo.registry import check_input
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a series that crashed the node this often is not tried again
+FINISHED = [state for state in JobState if state.finished]
 
 
 class JobFailed(Exception):
@@ -54,7 +55,7 @@ class JobRunner:
         self.default_qc_fail = default_qc_fail  # [qc] on_fail: for jobs whose rule has no qc_fail
 
     def run(self, job_id: int) -> None:
-        claimed = self._claim(job_id)
+        claimed = self.claim(job_id)
         if claimed is None:
             return
         job, paths = claimed
@@ -69,24 +70,38 @@ class JobRunner:
             self._finish(job_id, JobState.failed, f"internal error: {type(error).__name__}: {error}",
                          timings)
 
-    def _claim(self, job_id: int):
+    def claim(self, job_id: int):
+        """Take a queued job for this worker: (job, input paths), or None when it is not queued
+        (another worker, thread or process took it, or it finished or was superseded).
+
+        The claim is one conditional UPDATE (``where state = 'queued'``), issued first in the
+        transaction: on PostgreSQL a second claimer's UPDATE waits for the first one's row lock
+        and then finds the job `running`; SQLite runs one writer at a time. So however many
+        node processes share the database, exactly one claimer wins each job."""
         with self.database.session() as session:
+            claimed = session.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.queued, Job.attempts < MAX_ATTEMPTS)
+                .values(state=JobState.running, attempts=Job.attempts + 1, started_at=utcnow())
+                .execution_options(synchronize_session=False))
+            if claimed.rowcount != 1:
+                given_up = session.execute(
+                    update(Job).where(Job.id == job_id, Job.state == JobState.queued)
+                    .values(state=JobState.failed, finished_at=utcnow(),
+                            reason=f"gave up after {MAX_ATTEMPTS} interrupted attempts "
+                                   "(the node stopped while running it)")
+                    .execution_options(synchronize_session=False))
+                if given_up.rowcount:
+                    log.warning("job %d: gave up after %d interrupted attempts", job_id, MAX_ATTEMPTS)
+                return None
             job = session.get(Job, job_id)
-            if job is None or job.state not in (JobState.queued, JobState.running, JobState.encoding):
-                return None
-            if job.attempts >= MAX_ATTEMPTS:
-                job.state, job.finished_at = JobState.failed, utcnow()
-                job.reason = f"gave up after {job.attempts} interrupted attempts (the node stopped while running it)"
-                return None
             instances = session.scalars(select(Instance).where(
                 Instance.series_instance_uid == job.series_instance_uid)).all()
             if input_fingerprint([i.sop_instance_uid for i in instances]) != job.input_fingerprint:
                 job.state, job.finished_at = JobState.superseded, utcnow()
                 job.reason = "the series changed before the job started; it is evaluated again"
                 return None
-            job.state, job.attempts, job.started_at = JobState.running, job.attempts + 1, utcnow()
             paths = [self.storage.absolute(i.path) for i in instances]
-            session.flush()  # write the claim before the job leaves this session
+            session.flush()
             session.expunge(job)
         return job, paths
 
@@ -174,12 +189,13 @@ class JobRunner:
         return outcome["state"] == JobState.encoding
 
     def _finish(self, job_id: int, state: JobState, reason: str, timings: dict) -> None:
+        # conditional: a job the router superseded meanwhile stays superseded
         with self.database.session() as session:
             job = session.get(Job, job_id)
-            if job.state.finished:
-                return
-            job.state, job.reason, job.finished_at = state, reason, utcnow()
-            job.timings = {**job.timings, **timings}
+            session.execute(update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED))
+                            .values(state=state, reason=reason, finished_at=utcnow(),
+                                    timings={**job.timings, **timings})
+                            .execution_options(synchronize_session=False))
 
 
 def _move(session, job_id: int, expected: JobState, **values) -> bool:
