@@ -20,6 +20,7 @@ from dicom_ai_node.storage import Storage
 log = logging.getLogger(__name__)
 
 BATCH = 200  # objects per association; a 400-slice derived series goes in two
+UNKNOWN_TIMEOUT_S = 30.0  # the lease step for rows to a destination that is not configured
 
 
 class Outbox:
@@ -34,7 +35,10 @@ class Outbox:
         self._lock = threading.Lock()
 
     def process_due(self) -> int:
-        """Send every due delivery; returns how many were attempted. Safe to call any time."""
+        """Send every due delivery; returns how many were attempted. Safe to call any time,
+        from any number of threads and node processes: each row is claimed by one of them."""
+        # Not needed for correctness (the claim is), but it keeps this process at one run, so
+        # one association per destination at a time, however often the outbox is kicked.
         if not self._lock.acquire(blocking=False):
             return 0  # a run is already in progress
         try:
@@ -51,19 +55,45 @@ class Outbox:
                                         .where(Delivery.state == "pending",
                                                Delivery.next_attempt_at <= utcnow())))
 
-    def _send_batch(self, destination_name: str) -> int:
+    def claim(self, destination_name: str, timeout_s: float) -> list[tuple[int, str]]:
+        """Take up to BATCH due deliveries to one destination for this sender: (id, result path).
+
+        A claim leases the rows: one conditional UPDATE moves their next_attempt_at past the
+        longest the send may take (every step of it waits at most ``timeout_s``), so no other
+        sender, thread or process finds them due meanwhile; recording the outcome replaces the
+        lease, and a sender that died leaves rows that are due again when the lease ends. On
+        PostgreSQL the rows are picked FOR UPDATE SKIP LOCKED (concurrent claimers take
+        different rows, and one that waited re-checks the row); SQLite runs one writer at a time."""
+        now = utcnow()
+        due = (select(Delivery.id)
+               .where(Delivery.state == "pending", Delivery.destination == destination_name,
+                      Delivery.next_attempt_at <= now)
+               .order_by(Delivery.id).limit(BATCH).with_for_update(skip_locked=True))
         with self.database.session() as session:
-            due = session.execute(
-                select(Delivery.id, ResultObject.path)
-                .join(ResultObject, ResultObject.id == Delivery.result_id)
-                .where(Delivery.state == "pending", Delivery.destination == destination_name,
-                       Delivery.next_attempt_at <= utcnow())
-                .order_by(Delivery.id).limit(BATCH)).all()
-        if not due:
-            return 0
+            ids = session.scalars(
+                update(Delivery).where(Delivery.id.in_(due), Delivery.state == "pending",
+                                       Delivery.next_attempt_at <= now)
+                .values(next_attempt_at=now + timedelta(seconds=timeout_s * (BATCH + 2)))
+                .returning(Delivery.id).execution_options(synchronize_session=False)).all()
+            if not ids:
+                return []
+            # the same transaction: shorten the lease to what this batch may take
+            session.execute(update(Delivery).where(Delivery.id.in_(ids))
+                            .values(next_attempt_at=now + timedelta(seconds=timeout_s * (len(ids) + 2)))
+                            .execution_options(synchronize_session=False))
+            return [tuple(row) for row in session.execute(
+                select(Delivery.id, ResultObject.path).join(ResultObject, ResultObject.id == Delivery.result_id)
+                .where(Delivery.id.in_(ids)).order_by(Delivery.id))]
+
+    def _send_batch(self, destination_name: str) -> int:
         try:
             destination = self.lookup(destination_name)
         except KeyError:
+            destination = None
+        due = self.claim(destination_name, destination.timeout_s if destination else UNKNOWN_TIMEOUT_S)
+        if not due:
+            return 0
+        if destination is None:
             outcomes = {delivery_id: (False, f"destination {destination_name!r} is not configured")
                         for delivery_id, _ in due}
         else:
@@ -104,8 +134,11 @@ class Outbox:
             if failures:
                 log.warning("%d of %d objects not delivered to %s: %s", len(failures),
                             len(outcomes), destination_name, failures[0])
-            for job_id in job_ids:
-                update_job_after_delivery(session, session.get(Job, job_id))
+            # the job row locked (in id order: no deadlock) before its deliveries are read, so
+            # two processes recording the last deliveries of one job cannot both see the
+            # other's still pending and leave it delivering
+            for job_id in sorted(job_ids):
+                update_job_after_delivery(session, session.get(Job, job_id, with_for_update=True))
 
 
 def queue_deliveries(result: ResultObject, destinations: list[str]) -> None:
