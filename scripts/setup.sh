@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# chromium: the browser tests drive Debian's build through Playwright (no downloaded browser)
-APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb dicom3tools python3-venv chromium)
+# chromium: the browser tests drive Debian's build through Playwright (no downloaded browser);
+# docker-compose and systemd: the deploy-file tests validate compose.yaml and the unit with them
+APT_PACKAGES=(dcmtk orthanc orthanc-dicomweb dicom3tools python3-venv chromium docker-compose systemd)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
