@@ -250,3 +250,26 @@ def test_a_claim_is_a_lease_that_a_dead_sender_gives_back(database, tmp_path):
     assert len(dead) == RESULTS
     assert outbox.claim("pacs_b", timeout_s=30) == dead
     assert outbox.claim("pacs_b", timeout_s=30) == []
+
+
+def _start(start, results, url: str) -> None:
+    """One node process starting: the schema is brought to the newest migration."""
+    try:
+        database = Database(url)
+        start.wait(timeout=WAIT_S)
+        database.upgrade()
+        database.dispose()
+        results.put([])
+    except Exception as error:  # noqa: BLE001 - reported to the test instead of an exit code
+        results.put(f"{type(error).__name__}: {error}")
+
+
+@pytest.mark.integration
+@needs_postgres
+def test_node_processes_starting_at_once_on_an_empty_database_all_start(postgres_url):
+    _race(_start, postgres_url)
+    database = Database(postgres_url)
+    database.upgrade()  # current: a no-op
+    with database.session() as session:
+        assert session.scalar(select(Job.id).limit(1)) is None  # the schema is there
+    database.dispose()
