@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("serve", help="run the node (DICOM listener, workers, delivery)")
 
+    worker = commands.add_parser("worker", help="run a Celery worker ([workers] executor = \"celery\")")
+    worker.add_argument("--queues", default=None,
+                        help="comma-separated device queues to take: gpu, cpu, any (default: gpu,any "
+                             "on a host with a GPU, else cpu,any)")
+    worker.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+
     rules = commands.add_parser("rules", help="routing rules").add_subparsers(dest="action", required=True)
     check = rules.add_parser("check", help="validate a rule file (TOML with [[rules]])")
     check.add_argument("file")
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "upgrade", help="apply migrations")
 
     args = parser.parse_args(argv)
-    handler = {"serve": _serve, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
+    handler = {"serve": _serve, "worker": _worker, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
                "users": _users, "models": _models, "db": _db}[args.command]
     return handler(args)
 
@@ -116,6 +122,19 @@ def _serve(args) -> int:
         pass
     node.stop()
     return 0
+
+
+def _worker(args) -> int:
+    from dicom_ai_node import logs
+    from dicom_ai_node.jobs.celery_worker import run_worker
+
+    config = _config(args)
+    logs.configure(config.node.log_level, config.node.log_phi)
+    if args.concurrency < 1:
+        print("--concurrency must be at least 1", file=sys.stderr)
+        return 2
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    return run_worker(config, queues, args.concurrency)
 
 
 def _rules(args) -> int:

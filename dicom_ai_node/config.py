@@ -2,8 +2,9 @@
 
 Every value is checked at start-up; a wrong config is refused with the file, the key and what
 is wrong (``ConfigError``), so a node never starts half-configured. Relative paths are taken
-relative to the config file's folder. Two environment variables override the file, for
-containers: DICOM_AI_NODE_DATABASE_URL and DICOM_AI_NODE_STORAGE_DIR.
+relative to the config file's folder. Environment variables override the file, for
+containers: DICOM_AI_NODE_DATABASE_URL, DICOM_AI_NODE_STORAGE_DIR and (executor "celery")
+DICOM_AI_NODE_BROKER_URL.
 """
 
 from __future__ import annotations
@@ -79,13 +80,24 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class CeleryConfig:
+    """[workers] with executor = "celery": jobs go to worker processes through a broker."""
+
+    broker_url: str  # e.g. amqp://user:password@rabbitmq:5672// (env DICOM_AI_NODE_BROKER_URL)
+    # the longest a job may run: the task's time limit, and what the broker's ack (visibility)
+    # timeout must exceed; RabbitMQ's consumer_timeout is 30 min by default
+    job_timeout_s: float = 1500.0
+    requeue_after_s: float = 300.0  # a job still queued this long after it was sent is sent again
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     node: NodeConfig
     database_url: str
     quiet_period_s: float
     workers: int
-    executor: str
+    executor: str  # "local" (a thread pool in the node) or "celery" (worker processes)
     model_paths: tuple[Path, ...]
     destinations: tuple[DestinationConfig, ...]
     rules: list = field(default_factory=list)  # raw [[rules]] tables, parsed by dicom_ai_node.routing
@@ -93,6 +105,7 @@ class Config:
     # [qc] on_fail: what happens to a result that fails its model's quality checks when the
     # routing rule has no qc_fail of its own (hold | send_flagged | drop)
     qc_on_fail: str = "hold"
+    celery: CeleryConfig | None = None  # set when executor = "celery"
 
     def destination(self, name: str) -> DestinationConfig:
         for destination in self.destinations:
@@ -233,10 +246,21 @@ def load_config(path: str | Path) -> Config:
                      "must be between 0 and 86400 seconds")
 
     raw = read.get(tree, "workers", "", dict, default={})
-    read.unknown_keys(raw, {"count", "executor"}, "workers")
+    read.unknown_keys(raw, {"count", "executor", "broker_url", "job_timeout_s", "requeue_after_s"}, "workers")
     workers = read.get(raw, "count", "workers", int, 1, lambda v: 1 <= v <= 64, "must be 1..64")
-    executor = read.get(raw, "executor", "workers", str, "local", lambda v: v in ("local",),
-                        "must be 'local' (the distributed executor is not built yet)")
+    executor = read.get(raw, "executor", "workers", str, "local", lambda v: v in ("local", "celery"),
+                        "must be 'local' or 'celery'")
+    celery = None
+    if executor == "celery":
+        broker_url = os.environ.get("DICOM_AI_NODE_BROKER_URL") or read.get(
+            raw, "broker_url", "workers", str, check=lambda v: "://" in v,
+            problem="must be a broker URL such as amqp://user:password@host:5672//")
+        celery = CeleryConfig(
+            broker_url=broker_url,
+            job_timeout_s=read.get(raw, "job_timeout_s", "workers", float, 1500.0, lambda v: 10 <= v <= 7 * 86400,
+                                   "must be between 10 seconds and 7 days"),
+            requeue_after_s=read.get(raw, "requeue_after_s", "workers", float, 300.0, lambda v: v > 0,
+                                     "must be > 0"))
 
     raw = read.get(tree, "models", "", dict, default={})
     read.unknown_keys(raw, {"paths"}, "models")
@@ -306,4 +330,5 @@ def load_config(path: str | Path) -> Config:
 
     return Config(path=path, node=node, database_url=database_url, quiet_period_s=quiet,
                   workers=workers, executor=executor, model_paths=tuple(model_paths),
-                  destinations=tuple(destinations), rules=rules, web=web, qc_on_fail=qc_on_fail)
+                  destinations=tuple(destinations), rules=rules, web=web, qc_on_fail=qc_on_fail,
+                  celery=celery)

@@ -19,7 +19,7 @@ from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import DisabledModel
 from dicom_ai_node.deliver.destinations import DestinationStore
 from dicom_ai_node.deliver.outbox import Outbox
-from dicom_ai_node.jobs.executor import LocalExecutor
+from dicom_ai_node.jobs.executor import CeleryExecutor, LocalExecutor
 from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
 from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.receive.scp import StorageSCP
@@ -50,7 +50,10 @@ class Node:
         self.outbox = Outbox(config, self.database, self.storage, lookup=self.destinations.get)
         self.runner = JobRunner(self.database, self.storage, self.models,
                                 on_results=self._kick_outbox, default_qc_fail=config.qc_on_fail)
-        self.executor = LocalExecutor(self.runner.run, config.workers)
+        if config.celery is not None:  # jobs run in Celery workers (dicom-ai-node worker)
+            self.executor = CeleryExecutor(config.celery, self.database, self._model_device)
+        else:
+            self.executor = LocalExecutor(self.runner.run, config.workers)
         self.router = Router(self.database, self.rules, self.executor.submit)
         release_grace_s = config.node.release_grace_s if config.node.complete_on_release else None
         self.completion = CompletionWatcher(self.database, config.quiet_period_s, release_grace_s,
@@ -67,8 +70,15 @@ class Node:
         self.scheduler.start()
         self.scheduler.add_job(self.outbox.process_due, "interval", seconds=OUTBOX_INTERVAL_S,
                                id="outbox", max_instances=1, coalesce=True)
-        for job_id in recover_unfinished(self.database):
-            self.executor.submit(job_id)
+        if isinstance(self.executor, CeleryExecutor):
+            # running jobs belong to the workers (a dead worker's message is redelivered);
+            # queued ones are sent again, their messages may be lost, and swept from now on
+            self.executor.submit_queued()
+            self.scheduler.add_job(self.executor.sweep, "interval", seconds=self.executor.sweep_interval_s,
+                                   id="job-sweep", max_instances=1, coalesce=True)
+        else:
+            for job_id in recover_unfinished(self.database):
+                self.executor.submit(job_id)
         self.scheduler.add_job(self.completion.check, "interval", seconds=CHECK_INTERVAL_S,
                                id="completion", max_instances=1, coalesce=True)
         leftovers = self.storage.clear_incoming()  # before any receiver runs
@@ -122,6 +132,10 @@ class Node:
 
     def _ready(self) -> dict[str, bool]:
         return {"dicom_listener": self.scp.running, "scheduler": self.scheduler.running}
+
+    def _model_device(self, name: str) -> str:
+        manifest = self.models.manifests.get(name)
+        return manifest.device if manifest is not None else "any"  # the worker fails the job
 
     def _model_disabled(self, name: str) -> bool:
         with self.database.session() as session:

@@ -8,6 +8,7 @@ Example (see model_zoo/lung_ct_seg/model.toml for a full one)::
     task = "segmentation"            # segmentation | denoising | classification
     entry = "model:LungSegmentation" # module:class inside the model folder
     weights = "weights.pt"
+    device = "any"                   # gpu | cpu | any (default): which workers may run it
 
     [algorithm]                      # identity written into every result (TID 4019, equipment)
     name = "Lung CT segmentation"
@@ -71,6 +72,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TASKS = ("segmentation", "denoising", "classification")
+# where a model runs (executor "celery" sends its jobs to the queue of the same name):
+# "gpu" needs a GPU, "cpu" must run on a CPU, "any" runs on either
+DEVICES = ("gpu", "cpu", "any")
 
 
 class ManifestError(ValueError):
@@ -187,6 +191,7 @@ class Manifest:
     description: str = ""
     extra: dict = field(default_factory=dict)  # [model.options] passed to the model as-is
     qc: QualitySpec = field(default_factory=QualitySpec)
+    device: str = "any"  # one of DEVICES
 
     @property
     def folder(self) -> Path:
@@ -299,6 +304,9 @@ def load_manifest(path: str | Path) -> Manifest:
     task = read.get(model, "task", "model", str)
     if task not in TASKS:
         read.fail("model.task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    device = read.get(model, "device", "model", str, required=False, default="any")
+    if device not in DEVICES:
+        read.fail("model.device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
     algorithm = read.get(tree, "algorithm", "", dict)
     raw_input = read.get(tree, "input", "", dict)
     input_spec = InputSpec(
@@ -372,6 +380,7 @@ def load_manifest(path: str | Path) -> Manifest:
         findings=tuple(findings),
         extra=read.get(model, "options", "model", dict, required=False, default={}),
         qc=quality,
+        device=device,
     )
 
 
