@@ -202,6 +202,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]  # when it gave up for good (a dead letter; migration 0005)
 
     result: Mapped[ResultObject] = relationship(back_populates="deliveries")
 
@@ -284,6 +285,9 @@ class DestinationRow(Base):
     # what config.toml said when this row was last seeded: a changed config entry wins at start
     config_values: Mapped[dict | None] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # paused by an admin (migration 0005): its deliveries stay pending, not attempted, until resumed
+    paused_at: Mapped[datetime | None]
+    paused_by: Mapped[str | None] = mapped_column(String(64))
 
 
 class DisabledModel(Base):

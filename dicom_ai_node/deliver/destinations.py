@@ -5,6 +5,11 @@ added, and one whose config entry changed since it was last seeded takes the con
 (the file was edited after the page, so the file wins). Edits on the page otherwise stay.
 A destination deleted on the page but still in config.toml comes back at the next start;
 remove it from the file to remove it for good.
+
+An admin may pause a destination (a PACS in maintenance): the outbox then leaves its deliveries
+pending, unattempted (no attempt counted, no backoff), until it is resumed. The pause is a
+column of the row, so it holds across restarts and across node processes; a change of the
+destination in config.toml does not resume it.
 """
 
 from __future__ import annotations
@@ -12,13 +17,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dicom_ai_node import audit
 from dicom_ai_node.config import DestinationConfig, TlsConfig
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import DestinationRow, utcnow
+from dicom_ai_node.db.models import Delivery, DestinationRow, utcnow
 
 EDITABLE = ("ae_title", "host", "port", "calling_ae_title", "max_attempts", "backoff_s", "timeout_s")
 
@@ -43,7 +48,8 @@ def to_config(row: DestinationRow) -> DestinationConfig:
 def to_json(row: DestinationRow) -> dict:
     return {"name": row.name, **{key: getattr(row, key) for key in EDITABLE},
             "tls": bool(row.tls), "from_config": row.config_values is not None,
-            "updated_at": row.updated_at}
+            "updated_at": row.updated_at, "paused": row.paused_at is not None,
+            "paused_at": row.paused_at, "paused_by": row.paused_by}
 
 
 class DestinationStore:
@@ -80,3 +86,47 @@ class DestinationStore:
 
 def list_destinations(session: Session) -> list[DestinationRow]:
     return list(session.scalars(select(DestinationRow).order_by(DestinationRow.name)))
+
+
+class NotPaused(ValueError):
+    """Pausing a paused destination, or resuming a running one; the message says which."""
+
+
+def pause(session: Session, name: str, actor: str) -> int:
+    """Stop delivering to ``name``; returns how many deliveries wait for it (pending).
+    LookupError: no such destination; NotPaused: paused already."""
+    return _set_paused(session, name, actor, paused=True)
+
+
+def resume(session: Session, name: str, actor: str) -> int:
+    """Deliver to ``name`` again; returns how many deliveries wait for it (pending)."""
+    return _set_paused(session, name, actor, paused=False)
+
+
+def _set_paused(session: Session, name: str, actor: str, paused: bool) -> int:
+    # one conditional UPDATE: of two admins pausing at once, one wins and the other is told
+    changed = session.execute(
+        update(DestinationRow)
+        .where(DestinationRow.name == name,
+               DestinationRow.paused_at.is_(None) if paused else DestinationRow.paused_at.is_not(None))
+        .values(paused_at=utcnow() if paused else None, paused_by=actor if paused else None)
+        .execution_options(synchronize_session=False))
+    row = session.get(DestinationRow, name)
+    if row is None:
+        raise LookupError(f"no destination {name!r}")
+    session.refresh(row)
+    if changed.rowcount != 1:
+        raise NotPaused(f"destination {name!r} is {'paused' if row.paused_at else 'not paused'} already")
+    pending = session.scalar(select(func.count()).where(Delivery.destination == name, Delivery.state == "pending"))
+    audit.record(session, actor, "destinations.pause" if paused else "destinations.resume", name, pending=pending)
+    return pending
+
+
+def delivery_counts(session: Session) -> dict[str, dict[str, int]]:
+    """Per destination: deliveries pending and failed for good (dead letters)."""
+    counts: dict[str, dict[str, int]] = {}
+    for destination, state, count in session.execute(
+            select(Delivery.destination, Delivery.state, func.count())
+            .where(Delivery.state.in_(["pending", "failed"])).group_by(Delivery.destination, Delivery.state)):
+        counts.setdefault(destination, {"pending": 0, "failed": 0})[state] = count
+    return counts

@@ -1,5 +1,7 @@
 """The outbox: pending deliveries are sent when due, retried with exponential backoff, and
-marked failed (with the reason) after a destination's max_attempts."""
+marked failed (with the reason) after a destination's max_attempts: a dead letter, listed for
+admins until they retry it. Deliveries to a paused destination are simply not due: they stay
+pending, unattempted, and go out when it is resumed (deliver/destinations.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,12 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 
 from dicom_ai_node import audit
 from dicom_ai_node.config import Config, DestinationConfig
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, as_utc, utcnow
+from dicom_ai_node.db.models import Delivery, DestinationRow, Job, JobState, ResultObject, as_utc, utcnow
 from dicom_ai_node.deliver.dimse import send_files
 from dicom_ai_node.storage import Storage
 
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 200  # objects per association; a 400-slice derived series goes in two
 UNKNOWN_TIMEOUT_S = 30.0  # the lease step for rows to a destination that is not configured
+MAX_AUDITED_ERRORS = 100  # a bulk retry keeps this many of the errors it clears in its audit event
+
+# a delivery whose destination an admin paused: never due, whatever its next_attempt_at
+PAUSED = exists().where(DestinationRow.name == Delivery.destination, DestinationRow.paused_at.is_not(None))
 
 
 class Outbox:
@@ -63,11 +69,12 @@ class Outbox:
         sender, thread or process finds them due meanwhile; recording the outcome replaces the
         lease, and a sender that died leaves rows that are due again when the lease ends. On
         PostgreSQL the rows are picked FOR UPDATE SKIP LOCKED (concurrent claimers take
-        different rows, and one that waited re-checks the row); SQLite runs one writer at a time."""
+        different rows, and one that waited re-checks the row); SQLite runs one writer at a time.
+        Nothing is due for a paused destination (a batch claimed before the pause still goes)."""
         now = utcnow()
         due = (select(Delivery.id)
                .where(Delivery.state == "pending", Delivery.destination == destination_name,
-                      Delivery.next_attempt_at <= now)
+                      Delivery.next_attempt_at <= now, ~PAUSED)
                .order_by(Delivery.id).limit(BATCH).with_for_update(skip_locked=True))
         with self.database.session() as session:
             ids = session.scalars(
@@ -124,7 +131,7 @@ class Outbox:
                 if ok:
                     delivery.state, delivery.sent_at, delivery.last_error = "sent", now, None
                 elif delivery.attempts >= max_attempts:
-                    delivery.state, delivery.last_error = "failed", message
+                    delivery.state, delivery.last_error, delivery.failed_at = "failed", message, now
                 else:
                     delivery.last_error = message
                     delivery.next_attempt_at = now + timedelta(
@@ -148,9 +155,11 @@ def queue_deliveries(result: ResultObject, destinations: list[str]) -> None:
 
 
 def resend_deliveries(session, actor: str, *, job_id: int | None = None, study_uid: str | None = None,
-                      delivery_ids: list[int] | None = None, failed: bool = False) -> int:
-    """Put deliveries back to pending (every one of a job, of a study, the listed ones, or every
-    failed one) and their jobs back to delivering; audited. Returns how many were queued."""
+                      delivery_ids: list[int] | None = None, failed: bool = False,
+                      destination: str | None = None) -> int:
+    """Put deliveries back to pending with their attempts reset (every one of a job, of a study,
+    the listed ones, or every failed one, of one destination when named) and their jobs back
+    to delivering; audited with the errors they had. Returns how many were queued."""
     query = select(Delivery.id).join(ResultObject, ResultObject.id == Delivery.result_id)
     if job_id is not None:
         query, target = query.where(ResultObject.job_id == job_id), f"job {job_id}"
@@ -164,17 +173,37 @@ def resend_deliveries(session, actor: str, *, job_id: int | None = None, study_u
         query, target = query.where(Delivery.state == "failed"), "all failed deliveries"
     else:
         raise ValueError("say which deliveries to resend")
+    if destination is not None:
+        query, target = query.where(Delivery.destination == destination), f"{target} to {destination}"
     ids = list(session.scalars(query))
     if not ids:
         return 0
+    # the failures being cleared, for the audit log: [delivery id, destination, attempts, error]
+    errors = [list(row) for row in session.execute(
+        select(Delivery.id, Delivery.destination, Delivery.attempts, Delivery.last_error)
+        .where(Delivery.id.in_(ids), Delivery.state == "failed").order_by(Delivery.id)
+        .limit(MAX_AUDITED_ERRORS))]
     session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(
-        state="pending", attempts=0, next_attempt_at=utcnow(), last_error=None))
+        state="pending", attempts=0, next_attempt_at=utcnow(), last_error=None, failed_at=None))
     job_ids = select(ResultObject.job_id).join(Delivery, Delivery.result_id == ResultObject.id) \
         .where(Delivery.id.in_(ids))
     session.execute(update(Job).where(Job.id.in_(job_ids)).values(
         state=JobState.delivering, reason=None, finished_at=None))
-    audit.record(session, actor, "deliveries.resend", target, deliveries=len(ids))
+    audit.record(session, actor, "deliveries.resend", target, deliveries=len(ids), failures=errors)
     return len(ids)
+
+
+def dead_letters(session, destination: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
+    """Deliveries that failed for good, newest first: ids, UIDs and the error, no patient data."""
+    query = (select(Delivery, ResultObject, Job.study_instance_uid)
+             .join(ResultObject, ResultObject.id == Delivery.result_id).join(Job, Job.id == ResultObject.job_id)
+             .where(Delivery.state == "failed").order_by(Delivery.id.desc()).limit(limit).offset(offset))
+    if destination is not None:
+        query = query.where(Delivery.destination == destination)
+    return [{"id": delivery.id, "destination": delivery.destination, "job_id": result.job_id,
+             "study_instance_uid": study_uid, "kind": result.kind, "sop_instance_uid": result.sop_instance_uid,
+             "attempts": delivery.attempts, "error": delivery.last_error, "failed_at": delivery.failed_at}
+            for delivery, result, study_uid in session.execute(query)]
 
 
 def update_job_after_delivery(session, job: Job) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from dicom_ai_node import audit
 from dicom_ai_node.db.models import Delivery, DestinationRow, DisabledModel, Job, JobState, utcnow
-from dicom_ai_node.deliver import dimse
+from dicom_ai_node.deliver import destinations, dimse
 from dicom_ai_node.deliver.destinations import EDITABLE, to_config
 from dicom_ai_node.deliver.outbox import resend_deliveries
 from dicom_ai_node.jobs import review
@@ -158,3 +158,43 @@ def echo_destination(ctx: WebContext, name: str, actor: str) -> tuple[bool, str]
     with ctx.database.session() as session:
         audit.record(session, actor, "destinations.echo", name, ok=ok, message=message)
     return ok, message
+
+
+# ---- pause a destination, retry dead letters (deliveries that failed for good)
+
+
+def pause_destination(session: Session, name: str, actor: str) -> int:
+    """Deliveries to ``name`` stay pending until it is resumed; returns how many wait."""
+    with _pause_refusals():
+        return destinations.pause(session, name, actor)
+
+
+def resume_destination(session: Session, name: str, actor: str) -> int:
+    """Deliver to ``name`` again; returns how many deliveries wait for it."""
+    with _pause_refusals():
+        return destinations.resume(session, name, actor)
+
+
+@contextmanager
+def _pause_refusals():
+    try:
+        yield
+    except LookupError as error:
+        raise NotFound(str(error)) from None
+    except destinations.NotPaused as error:
+        raise Refused(str(error)) from None
+
+
+def retry_dead_letter(session: Session, delivery_id: int, actor: str) -> None:
+    """A delivery that failed for good is pending again, attempts reset (its error kept in the audit)."""
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None:
+        raise NotFound(f"no delivery {delivery_id}")
+    if delivery.state != "failed":
+        raise Refused(f"delivery {delivery_id} is {delivery.state}; only failed deliveries can be retried")
+    resend_deliveries(session, actor, delivery_ids=[delivery_id])
+
+
+def retry_dead_letters(session: Session, actor: str, destination: str | None = None) -> int:
+    """Every delivery that failed for good (to ``destination`` when named) is pending again."""
+    return resend_deliveries(session, actor, failed=True, destination=destination)

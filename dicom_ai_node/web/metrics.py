@@ -13,7 +13,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Delivery, Instance, Job, JobState, QualityCheck, Series, Study
+from dicom_ai_node.db.models import Delivery, DestinationRow, Instance, Job, JobState, QualityCheck, Series, Study
+from dicom_ai_node.deliver.destinations import delivery_counts
 
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 PREFIX = "dicom_ai_node"
@@ -67,6 +68,26 @@ class NodeCollector:
             queue.add_metric(["jobs"], by_state.get(JobState.queued, 0))
             queue.add_metric(["deliveries"], pending)
             yield queue
+            yield from _destinations(session)
+
+
+def _destinations(session):
+    """Per destination: paused or not, deliveries pending and failed for good (dead letters)."""
+    counts = delivery_counts(session)
+    paused = dict(session.execute(select(DestinationRow.name, DestinationRow.paused_at.is_not(None))).all())
+    yield GaugeMetricFamily(f"{PREFIX}_destinations_paused", "destinations an admin paused (their deliveries wait)",
+                            value=sum(paused.values()))
+    flags = GaugeMetricFamily(f"{PREFIX}_destination_paused", "1 while the destination is paused",
+                              labels=["destination"])
+    waiting = GaugeMetricFamily(f"{PREFIX}_deliveries_pending", "deliveries waiting to be sent, per destination",
+                                labels=["destination"])
+    dead = GaugeMetricFamily(f"{PREFIX}_dead_letters", "deliveries that failed for good, per destination "
+                             "(until retried)", labels=["destination"])
+    for name in sorted(set(paused) | set(counts)):
+        flags.add_metric([name], int(bool(paused.get(name))))
+        waiting.add_metric([name], counts.get(name, {}).get("pending", 0))
+        dead.add_metric([name], counts.get(name, {}).get("failed", 0))
+    yield from (flags, waiting, dead)
 
 
 def _utc(moment):

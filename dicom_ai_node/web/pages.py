@@ -18,7 +18,8 @@ from sqlalchemy import func, select
 
 from dicom_ai_node import inspect
 from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, RuleSetVersion, Study, utcnow
-from dicom_ai_node.deliver.destinations import list_destinations, to_json
+from dicom_ai_node.deliver.destinations import delivery_counts, list_destinations, to_json
+from dicom_ai_node.deliver.outbox import dead_letters
 from dicom_ai_node.jobs import review
 from dicom_ai_node.jobs.review import MAX_COMMENT
 from dicom_ai_node.storage import Storage
@@ -348,7 +349,9 @@ def rules_rollback(ctx: Context, user: PageAdmin, version: Annotated[int, Form()
 @router.get("/destinations")
 def destinations_page(request: Request, ctx: Context, user: PageUser, edit: str | None = None):
     with ctx.database.session() as session:
-        rows = [to_json(row) for row in list_destinations(session)]
+        counts = delivery_counts(session)
+        rows = [{**to_json(row), **counts.get(row.name, {"pending": 0, "failed": 0})}
+                for row in list_destinations(session)]
     editing = next((row for row in rows if row["name"] == edit), None)
     return render(request, "destinations.html", user, destinations=rows, editing=editing)
 
@@ -391,6 +394,60 @@ def destination_echo(ctx: Context, user: PageAdmin, name: str):
     except NotFound as error:
         return back("/destinations", error=str(error))
     return back("/destinations", **({"msg": f"{name}: {message}"} if ok else {"error": f"{name}: {message}"}))
+
+
+# ---- pause a destination, dead letters (deliveries that failed for good)
+
+
+@router.post("/destinations/{name}/pause")
+def destination_pause(ctx: Context, user: PageAdmin, name: str):
+    try:
+        with ctx.database.session() as session:
+            pending = actions.pause_destination(session, name, user.name)
+    except (NotFound, Refused) as error:
+        return back("/destinations", error=str(error))
+    return back("/destinations", msg=f"destination {name} paused: {pending} deliveries wait for it")
+
+
+@router.post("/destinations/{name}/resume")
+def destination_resume(ctx: Context, user: PageAdmin, name: str):
+    try:
+        with ctx.database.session() as session:
+            pending = actions.resume_destination(session, name, user.name)
+    except (NotFound, Refused) as error:
+        return back("/destinations", error=str(error))
+    ctx.kick_outbox()
+    return back("/destinations", msg=f"destination {name} resumed: {pending} deliveries go now")
+
+
+@router.get("/dead-letters")
+def dead_letters_page(request: Request, ctx: Context, user: PageUser, destination: str = "",
+                      page: PageNumber = 0):
+    page = max(page, 0)
+    with ctx.database.session() as session:
+        letters = dead_letters(session, destination[:64] or None, 100, page * 100)
+        counts = {name: c["failed"] for name, c in sorted(delivery_counts(session).items()) if c["failed"]}
+    return render(request, "dead_letters.html", user, letters=letters, counts=counts, destination=destination,
+                  page=page)
+
+
+@router.post("/dead-letters/{delivery_id}/retry")
+def dead_letter_retry(ctx: Context, user: PageAdmin, delivery_id: RowId):
+    try:
+        with ctx.database.session() as session:
+            actions.retry_dead_letter(session, delivery_id, user.name)
+    except (NotFound, Refused) as error:
+        return back("/dead-letters", error=str(error))
+    ctx.kick_outbox()
+    return back("/dead-letters", msg=f"delivery {delivery_id} queued again")
+
+
+@router.post("/dead-letters/retry")
+def dead_letters_retry(ctx: Context, user: PageAdmin, destination: Annotated[str, Form(max_length=64)] = ""):
+    with ctx.database.session() as session:
+        count = actions.retry_dead_letters(session, user.name, destination or None)
+    ctx.kick_outbox()
+    return back("/dead-letters", msg=f"{count} deliveries queued again")
 
 
 @router.get("/models")

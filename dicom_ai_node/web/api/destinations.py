@@ -79,3 +79,25 @@ def echo(ctx: Context, user: Admin, name: Name) -> EchoResult:
     with http_errors():
         ok, message = actions.echo_destination(ctx, name, user.name)
     return EchoResult(ok=ok, message=message)
+
+
+class PauseResult(BaseModel):
+    paused: bool
+    pending: int  # deliveries waiting for the destination
+
+
+@router.post("/destinations/{name}/pause", responses=ADMIN_ERRORS,
+             summary="Pause deliveries to the destination: they stay pending until resumed; audited")
+def pause(ctx: Context, user: Admin, name: Name) -> PauseResult:
+    with http_errors(), ctx.database.session() as session:
+        pending = actions.pause_destination(session, name, user.name)
+    return PauseResult(paused=True, pending=pending)
+
+
+@router.post("/destinations/{name}/resume", responses=ADMIN_ERRORS,
+             summary="Resume deliveries to a paused destination (pending ones go now); audited")
+def resume(ctx: Context, user: Admin, name: Name) -> PauseResult:
+    with http_errors(), ctx.database.session() as session:
+        pending = actions.resume_destination(session, name, user.name)
+    ctx.kick_outbox()
+    return PauseResult(paused=False, pending=pending)
