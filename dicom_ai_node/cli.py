@@ -48,6 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--study", help="every result of this study")
     target.add_argument("--failed", action="store_true", help="every failed delivery")
 
+    destinations = commands.add_parser("destinations", help="pause or resume delivery to a destination").add_subparsers(
+        dest="action", required=True)
+    destinations.add_parser("list", help="destinations, paused or not, with their pending and failed deliveries")
+    for action, what in (("pause", "keep deliveries to it pending (audited)"),
+                         ("resume", "send its pending deliveries again (audited)")):
+        destinations.add_parser(action, help=what).add_argument("name")
+
+    deliveries = commands.add_parser("deliveries", help="dead letters: deliveries that failed for good"
+                                     ).add_subparsers(dest="action", required=True)
+    failed = deliveries.add_parser("failed", help="list deliveries that failed for good, with the error")
+    failed.add_argument("--destination", default=None)
+    retry = deliveries.add_parser("retry", help="make failed deliveries pending again, attempts reset (audited)")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", help="one delivery")
+    which.add_argument("--all", action="store_true", help="every failed delivery (of --destination when given)")
+    retry.add_argument("--destination", default=None)
+
     jobs = commands.add_parser("jobs", help="results held by the quality gate").add_subparsers(
         dest="action", required=True)
     jobs.add_parser("held", help="jobs whose results failed their quality checks and wait for review")
@@ -80,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     handler = {"serve": _serve, "worker": _worker, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
+               "destinations": _destinations, "deliveries": _deliveries,
                "users": _users, "models": _models, "db": _db}[args.command]
     return handler(args)
 
@@ -195,6 +213,57 @@ def _resend(args) -> int:
     with database.session() as session:
         count = resend_deliveries(session, "cli", job_id=args.job, study_uid=args.study,
                                   failed=args.failed)
+    print(f"{count} deliveries queued again; the running node sends them within a second")
+    return 0 if count else 1
+
+
+def _destinations(args) -> int:
+    from dicom_ai_node.deliver import destinations
+
+    database = _database(args)
+    if args.action == "list":
+        with database.session() as session:
+            counts = destinations.delivery_counts(session)
+            for row in destinations.list_destinations(session):
+                count = counts.get(row.name, {"pending": 0, "failed": 0})
+                paused = f"paused by {row.paused_by} at {row.paused_at:%Y-%m-%d %H:%M}" if row.paused_at else "active"
+                print(f"{row.name:24} {row.host}:{row.port:<6} {paused:40} pending {count['pending']}, "
+                      f"failed {count['failed']}")
+        return 0
+    try:
+        with database.session() as session:
+            change = destinations.pause if args.action == "pause" else destinations.resume
+            pending = change(session, args.name, "cli")
+    except (LookupError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(f"destination {args.name} {args.action}d: {pending} deliveries wait for it"
+          + ("; the running node sends them within a second" if args.action == "resume" else ""))
+    return 0
+
+
+def _deliveries(args) -> int:
+    from dicom_ai_node.db.models import Delivery
+    from dicom_ai_node.deliver.outbox import dead_letters, resend_deliveries
+
+    database = _database(args)
+    if args.action == "failed":
+        with database.session() as session:
+            letters = dead_letters(session, args.destination, limit=1000)
+        for d in letters:
+            print(f"delivery {d['id']} to {d['destination']}: job {d['job_id']} {d['kind']} of study "
+                  f"{d['study_instance_uid']}, {d['attempts']} attempts\n      {d['error']}")
+        if not letters:
+            print("no failed deliveries")
+        return 0
+    with database.session() as session:
+        if args.all:
+            count = resend_deliveries(session, "cli", failed=True, destination=args.destination)
+        elif getattr(session.get(Delivery, args.id), "state", None) != "failed":
+            print(f"delivery {args.id} is not a failed delivery", file=sys.stderr)
+            return 1
+        else:
+            count = resend_deliveries(session, "cli", delivery_ids=[args.id])
     print(f"{count} deliveries queued again; the running node sends them within a second")
     return 0 if count else 1
 
