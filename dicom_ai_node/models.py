@@ -54,5 +54,6 @@ class ModelRegistry:
         return self.manifests.get(name)
 
     def load(self, manifest: Manifest) -> Model:
-        """Loaded once per process and reused (the zoo's registry caches instances)."""
-        return registry.load_model(manifest)
+        """Loaded once per process and reused (the zoo's registry caches instances). A model
+        whose manifest says ``device = "cpu"`` stays on the CPU even on a GPU host."""
+        return registry.load_model(manifest, "cpu" if manifest.device == "cpu" else None)

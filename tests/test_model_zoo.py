@@ -147,3 +147,20 @@ def test_manifest_refuses_a_code_meaning_longer_than_dicom_allows(tmp_path):
     path.write_text(text.replace('meaning = "Lung" }', 'meaning = "' + "L" * 65 + '" }', 1))
     with pytest.raises(ManifestError, match=r"outputs.segments\[0\].type.meaning: code meanings are at most 64"):
         load_manifest(path)
+
+
+def test_a_cpu_only_model_is_loaded_on_the_cpu_whatever_the_host(monkeypatch):
+    """manifest device = "cpu" pins the model to the CPU (a GPU worker also runs cpu/any
+    queues); other models get the host's default device."""
+    from dataclasses import replace
+
+    from dicom_ai_node.models import ModelRegistry
+    from model_zoo import registry
+
+    asked = []
+    monkeypatch.setattr(registry, "load_model", lambda manifest, device=None: asked.append(device))
+    models = ModelRegistry()
+    manifest = models.manifests["ct_body_region"]
+    models.load(replace(manifest, device="cpu"))
+    models.load(replace(manifest, device="any"))
+    assert asked == ["cpu", None]
