@@ -73,16 +73,33 @@ def main(argv: list[str] | None = None) -> int:
         review.add_argument("job", type=int)
         review.add_argument("--comment", default=None, help="why (kept in the audit log)")
 
-    users = commands.add_parser("users", help="users of the admin page and API").add_subparsers(
-        dest="action", required=True)
-    users.add_parser("list", help="users and their roles")
+    users = commands.add_parser("users", help="users of the admin page and API (changes are audited)"
+                                ).add_subparsers(dest="action", required=True)
+    users.add_parser("list", help="users, their roles and whether they are disabled")
     add_user = users.add_parser("add", help="create a user (asks for the password)")
     add_user.add_argument("name")
     add_user.add_argument("--role", choices=["admin", "viewer"], default="viewer")
     add_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    token = users.add_parser("token", help="create an API token for a user (printed once)")
-    token.add_argument("name")
-    token.add_argument("--label", default=None, help="what the token is for")
+    for action, what in (("disable", "refuse its logins, sessions and tokens"), ("enable", "let it log in again"),
+                         ("delete", "delete it with its sessions and tokens")):
+        users.add_parser(action, help=what).add_argument("name")
+    set_role = users.add_parser("role", help="set a user's role")
+    set_role.add_argument("name")
+    set_role.add_argument("role", choices=["admin", "viewer"])
+    password = users.add_parser("password", help="set a user's password (asks for it); its sessions end")
+    password.add_argument("name")
+    password.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    tokens = commands.add_parser("tokens", help="API tokens (Authorization: Bearer); changes are audited"
+                                 ).add_subparsers(dest="action", required=True)
+    for parent, action in ((users, "token"), (tokens, "create")):  # "users token" is the older spelling
+        token = parent.add_parser(action, help="create an API token for a user (printed once)")
+        token.add_argument("name")
+        token.add_argument("--label", default=None, help="what the token is for")
+        token.add_argument("--days", type=int, default=None, help="valid for (default 90, at most 365)")
+    list_tokens = tokens.add_parser("list", help="tokens: id, prefix, user, label, created, last used, expiry")
+    list_tokens.add_argument("--user", default=None, help="only this user's")
+    tokens.add_parser("revoke", help="revoke a token by its id (tokens list): refused from now on").add_argument(
+        "id", type=int)
 
     models = commands.add_parser("models", help="installed models").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="installed models")
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {"serve": _serve, "worker": _worker, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
                "destinations": _destinations, "deliveries": _deliveries,
-               "users": _users, "models": _models, "db": _db}[args.command]
+               "users": _users, "tokens": _tokens, "models": _models, "db": _db}[args.command]
     return handler(args)
 
 
@@ -302,29 +319,70 @@ def _users(args) -> int:
     if args.action == "list":
         with database.session() as session:
             for user in users.list_users(session):
-                print(f"{user.name:24} {user.role}")
+                print(f"{user.name:24} {user.role:8} {'disabled' if user.disabled else 'enabled'}")
         return 0
-    if args.action == "add":
-        if args.password_stdin:
-            password = sys.stdin.readline().rstrip("\n")
-        else:
-            import getpass
-
-            password = getpass.getpass(f"password for {args.name}: ")
-            if getpass.getpass("again: ") != password:
-                print("the passwords differ", file=sys.stderr)
-                return 1
-        try:
-            with database.session() as session:
-                users.create_user(session, args.name, password, args.role, actor="cli")
-        except users.UserError as error:
-            print(error, file=sys.stderr)
+    if args.action == "token":
+        return _tokens(args)
+    password = None
+    if args.action in ("add", "password"):
+        password = _read_password(args)
+        if password is None:
             return 1
-        print(f"user {args.name} ({args.role}) created")
-        return 0
     try:
         with database.session() as session:
-            token = users.create_token(session, args.name, args.label, actor="cli")
+            if args.action == "add":
+                users.create_user(session, args.name, password, args.role, actor="cli")
+                done = f"user {args.name} ({args.role}) created"
+            elif args.action == "password":
+                users.change_password(session, args.name, password, actor="cli")
+                done = f"password of {args.name} changed; its login sessions ended"
+            elif args.action in ("disable", "enable"):
+                users.set_disabled(session, args.name, args.action == "disable", actor="cli")
+                done = f"user {args.name} {args.action}d"
+            elif args.action == "role":
+                users.set_role(session, args.name, args.role, actor="cli")
+                done = f"user {args.name} is now {args.role}"
+            else:
+                users.delete_user(session, args.name, actor="cli")
+                done = f"user {args.name} deleted with its sessions and tokens"
+    except users.UserError as error:
+        print(error, file=sys.stderr)
+        return 1
+    print(done)
+    return 0
+
+
+def _read_password(args) -> str | None:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    import getpass
+
+    password = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != password:
+        print("the passwords differ", file=sys.stderr)
+        return None
+    return password
+
+
+def _tokens(args) -> int:
+    from dicom_ai_node.web import users
+
+    database = _database(args)
+    try:
+        with database.session() as session:
+            if args.action == "list":
+                for t in users.list_tokens(session, args.user):
+                    used = f"{t['last_used_at']:%Y-%m-%d %H:%M}" if t["last_used_at"] else "never"
+                    state = "EXPIRED" if t["expired"] else "expires"
+                    print(f"{t['id']:5} {t['prefix'] or '(older token)':14} {t['user']:16} "
+                          f"created {t['created_at']:%Y-%m-%d %H:%M}  used {used:16} "
+                          f"{state} {t['expires_at']:%Y-%m-%d %H:%M}  {t['label'] or ''}")
+                return 0
+            if args.action == "revoke":
+                users.revoke_token(session, args.id, actor="cli")
+                print(f"token {args.id} revoked")
+                return 0
+            token = users.create_token(session, args.name, args.label, actor="cli", days=args.days)
     except users.UserError as error:
         print(error, file=sys.stderr)
         return 1

@@ -19,6 +19,10 @@ from dicom_ai_node.web import users
 from dicom_ai_node.web.app import create_app
 from dicom_ai_node.web.context import WebContext
 
+# scrypt at the production cost takes ~0.6 s a hash; the web tests log in hundreds of times.
+# tests/test_user_management.py checks the production cost itself.
+users.use_cheap_hashes_for_tests(users.ScryptCost(2**10, 8, 1))
+
 PASSWORD = "correct horse battery"
 EVIL = "<script>alert('pwned')</script>"
 STUDY = "1.2.826.0.1.3680043.8.498.1"

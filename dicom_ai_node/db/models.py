@@ -241,6 +241,8 @@ class WebUser(Base):
     password_hash: Mapped[str] = mapped_column(String(256))  # scrypt$n$r$p$salt$hash
     role: Mapped[str] = mapped_column(String(16))  # admin | viewer
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # a disabled user cannot log in; its sessions and tokens are refused (migration 0006)
+    disabled: Mapped[bool] = mapped_column(default=False)
 
 
 class WebSession(Base):
@@ -265,6 +267,10 @@ class ApiToken(Base):
     label: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
+    # migration 0006: the token's first characters (to tell tokens apart; None for older tokens)
+    # and when it stops working (older tokens: 90 days after the upgrade)
+    prefix: Mapped[str | None] = mapped_column(String(16))
+    expires_at: Mapped[datetime]
 
 
 class DestinationRow(Base):

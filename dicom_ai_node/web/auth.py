@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 SESSION_COOKIE = "dan_session"
 CSRF_HEADER = "X-CSRF-Token"
 
-bearer = HTTPBearer(auto_error=False, description="API token from `dicom-ai-node users token NAME`")
+bearer = HTTPBearer(auto_error=False, description="API token from the Users page, POST /api/tokens or "
+                                                   "`dicom-ai-node tokens create NAME`")
 
 
 class LoginRequired(Exception):
@@ -132,6 +133,14 @@ def api_admin(request: Request, who: Annotated[Principal, Depends(api_user)]) ->
     return who
 
 
+def api_changer(request: Request, who: Annotated[Principal, Depends(api_user)]) -> Principal:
+    """Any user changing their own things (password, tokens); with a session cookie the
+    X-CSRF-Token header must match. Whether the change is theirs is checked by the endpoint."""
+    if who.via == "session" and not _csrf_ok(request, request.headers.get(CSRF_HEADER)):
+        raise HTTPException(403, f"missing or wrong {CSRF_HEADER} header")
+    return who
+
+
 def page_user(who: Annotated[Principal | None, Depends(principal)]) -> Principal:
     if who is None:
         raise LoginRequired()
@@ -148,6 +157,14 @@ def page_admin(request: Request, who: Annotated[Principal, Depends(page_user)],
     return who
 
 
+def page_changer(request: Request, who: Annotated[Principal, Depends(page_user)],
+                 csrf_token: Annotated[str, Form()] = "") -> Principal:
+    """For page forms with which any user changes their own things: the form's CSRF token."""
+    if not _csrf_ok(request, csrf_token):
+        raise HTTPException(403, "the form's CSRF token is missing or wrong; reload the page")
+    return who
+
+
 def _csrf_ok(request: Request, presented: str | None) -> bool:
     expected = getattr(request.state, "csrf", None)
     return bool(expected and presented and hmac.compare_digest(expected, presented))
@@ -157,4 +174,6 @@ User = Annotated[Principal, Depends(api_user)]
 Admin = Annotated[Principal, Depends(api_admin)]
 PageUser = Annotated[Principal, Depends(page_user)]
 PageAdmin = Annotated[Principal, Depends(page_admin)]
+Changer = Annotated[Principal, Depends(api_changer)]
+PageChanger = Annotated[Principal, Depends(page_changer)]
 Context = Annotated[WebContext, Depends(context)]

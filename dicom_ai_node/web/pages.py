@@ -29,8 +29,8 @@ from dicom_ai_node.web.api.audit import audit_events
 from dicom_ai_node.web.api.common import PageNumber, RowId, Version
 from dicom_ai_node.web.api.destinations import DestinationFields
 from dicom_ai_node.web.api.models import models_json
-from dicom_ai_node.web.auth import (SESSION_COOKIE, Context, LoginFailed, LoginThrottled, PageAdmin, PageUser,
-                                    _csrf_ok, client_address, log_in)
+from dicom_ai_node.web.auth import (SESSION_COOKIE, Context, LoginFailed, LoginThrottled, PageAdmin, PageChanger,
+                                    PageUser, _csrf_ok, client_address, log_in)
 from dicom_ai_node.web.rules_editing import RulesInvalid
 
 router = APIRouter(include_in_schema=False)
@@ -474,3 +474,98 @@ def audit_page(request: Request, ctx: Context, user: PageUser, actor: str = "", 
     with ctx.database.session() as session:
         events = audit_events(session, actor[:64] or None, action[:64] or None, 100, page * 100)
     return render(request, "audit.html", user, events=events, actor=actor, action=action, page=page)
+
+
+# ---- users and API tokens (issue 13 §5): admins manage everyone, others their own password and tokens
+
+
+@router.get("/users")
+def users_page(request: Request, ctx: Context, user: PageUser):
+    return _users_page(request, ctx, user)
+
+
+def _users_page(request: Request, ctx, user, **values) -> HTMLResponse:
+    with ctx.database.session() as session:
+        people = [users.user_json(u) for u in users.list_users(session)] if user.is_admin else []
+        tokens = users.list_tokens(session, None if user.is_admin else user.name)
+    return render(request, "users.html", user, people=people, tokens=tokens, roles=users.ROLES,
+                  default_days=users.TOKEN_DAYS_DEFAULT, max_days=users.TOKEN_DAYS_MAX, **values)
+
+
+def _user_change(change, done: str) -> RedirectResponse:
+    try:
+        change()
+    except users.UserError as error:
+        return back("/users", error=str(error))
+    return back("/users", msg=done)
+
+
+@router.post("/users")
+def user_add(ctx: Context, admin: PageAdmin, name: Annotated[str, Form(max_length=64)],
+             password: Annotated[str, Form(max_length=1024)], role: Annotated[str, Form()] = "viewer"):
+    def add():
+        with ctx.database.session() as session:
+            users.create_user(session, name, password, role, admin.name)
+    return _user_change(add, f"user {name} ({role}) added")
+
+
+@router.post("/users/{name}/role")
+def user_role(ctx: Context, admin: PageAdmin, name: str, role: Annotated[str, Form()]):
+    def set_role():
+        with ctx.database.session() as session:
+            users.set_role(session, name, role, admin.name)
+    return _user_change(set_role, f"{name} is now {role}")
+
+
+@router.post("/users/{name}/disable")
+def user_disable(ctx: Context, admin: PageAdmin, name: str, enable: Annotated[bool, Form()] = False):
+    def disable():
+        with ctx.database.session() as session:
+            users.set_disabled(session, name, not enable, admin.name)
+    return _user_change(disable, f"user {name} {'enabled' if enable else 'disabled'}")
+
+
+@router.post("/users/{name}/delete")
+def user_delete(ctx: Context, admin: PageAdmin, name: str):
+    def delete():
+        with ctx.database.session() as session:
+            users.delete_user(session, name, admin.name)
+    return _user_change(delete, f"user {name} deleted")
+
+
+@router.post("/users/{name}/password")
+def user_password(request: Request, ctx: Context, who: PageChanger, name: str,
+                  password: Annotated[str, Form(max_length=1024)],
+                  current_password: Annotated[str, Form(max_length=1024)] = ""):
+    own = who.name == name
+    if not own and not who.is_admin:
+        raise HTTPException(403, "this needs the admin role (you are a viewer)")
+
+    def change():
+        with ctx.database.session() as session:
+            users.change_password(session, name, password, who.name, current=current_password if own else None,
+                                  keep_session=request.cookies.get(SESSION_COOKIE) if own else None)
+    return _user_change(change, f"password of {name} changed")
+
+
+@router.post("/tokens")
+def token_create(request: Request, ctx: Context, who: PageChanger, owner: Annotated[str, Form(max_length=64)] = "",
+                 label: Annotated[str, Form(max_length=128)] = "", days: Annotated[int | None, Form()] = None):
+    """The new token is shown in this answer only (never in a URL or a redirect)."""
+    owner = owner or who.name
+    if owner != who.name and not who.is_admin:
+        raise HTTPException(403, "this needs the admin role (you are a viewer)")
+    try:
+        with ctx.database.session() as session:
+            token = users.create_token(session, owner, label or None, who.name, days)
+    except users.UserError as error:
+        return back("/users", error=str(error))
+    return _users_page(request, ctx, who, new_token=token, new_token_owner=owner)
+
+
+@router.post("/tokens/{token_id}/revoke")
+def token_revoke(ctx: Context, who: PageChanger, token_id: RowId):
+    def revoke():
+        with ctx.database.session() as session:
+            users.revoke_token(session, token_id, who.name, owner=None if who.is_admin else who.name)
+    return _user_change(revoke, f"token {token_id} revoked")

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import audit, dead_letters, destinations, jobs, models, rules, studies
+from . import audit, dead_letters, destinations, jobs, models, rules, studies, users
 
 router = APIRouter(prefix="/api")
-for module in (studies, jobs, dead_letters, rules, destinations, models, audit):
+for module in (studies, jobs, dead_letters, rules, destinations, models, audit, users):
     router.include_router(module.router)
