@@ -16,7 +16,7 @@ from dicom_ai_node.deliver import destinations
 from dicom_ai_node.deliver.outbox import Outbox
 from dicom_ai_node.storage import Storage
 from tests.peers import free_port, wait_for
-from tests.web_support import EVIL, SERIES, STUDY, Web, csrf_of, store_study
+from tests.web_support import SERIES, STUDY, Web, csrf_of, store_study
 
 
 @pytest.fixture
@@ -82,9 +82,8 @@ def test_a_paused_destination_has_nothing_due_and_its_rows_stay_pending(web):
     delivery_id, _ = queue_result(web)
     with web.database.session() as session:
         assert destinations.pause(session, "pacs", "alice") == 1
-    with web.database.session() as session:
-        with pytest.raises(destinations.NotPaused, match="paused already"):
-            destinations.pause(session, "pacs", "bob")
+    with web.database.session() as session, pytest.raises(destinations.NotPaused, match="paused already"):
+        destinations.pause(session, "pacs", "bob")
     assert web.outbox.claim("pacs", timeout_s=5) == []
     assert web.outbox.process_due() == 0
     row = delivery(web, delivery_id)
