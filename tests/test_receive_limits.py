@@ -6,6 +6,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+import urllib.request
 
 import pytest
 
@@ -77,13 +78,15 @@ class SlowSenders:
 
 def test_connections_that_never_associate_do_not_count_against_the_association_limit(node_factory, tmp_path):
     # 40 slowloris connections, more than the 32 associations allowed, from 40 addresses
-    node = node_factory(node_extra="association_timeout_s = 120")
+    node = node_factory(node_extra="association_timeout_s = 120", web=True)
     slow = SlowSenders(node, [f"127.0.1.{i}" for i in range(1, 41)])
     try:
         slow.drip(2)
         assert len(slow.open) == 40
         result = echoscu("127.0.0.1", node.port, NODE_AE, calling_ae="ECHOSCU")
         assert result.returncode == 0, result.stdout + result.stderr
+        with urllib.request.urlopen(f"{node.web_url}/healthz", timeout=10) as health:
+            assert health.status == 200
         write_tiny_ct(tmp_path / "one.dcm")
         result = storescu("127.0.0.1", node.port, [tmp_path / "one.dcm"], NODE_AE)
         assert not storescu_failures(result), result.stdout + result.stderr
