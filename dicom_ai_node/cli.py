@@ -109,13 +109,19 @@ def main(argv: list[str] | None = None) -> int:
                              help="only validate model.toml (default: also load the model and run it "
                                   "on a small synthetic volume)")
 
+    retention = commands.add_parser("retention", help="delete old instances and results ([retention])"
+                                    ).add_subparsers(dest="action", required=True)
+    retention.add_parser("run", help="run retention now (audited); the node also runs it daily").add_argument(
+        "--dry-run", action="store_true", help="only print what would be freed")
+
     commands.add_parser("db", help="database").add_subparsers(dest="action", required=True).add_parser(
         "upgrade", help="apply migrations")
 
     args = parser.parse_args(argv)
     handler = {"serve": _serve, "worker": _worker, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
                "destinations": _destinations, "deliveries": _deliveries,
-               "users": _users, "tokens": _tokens, "models": _models, "db": _db}[args.command]
+               "users": _users, "tokens": _tokens, "models": _models, "db": _db,
+               "retention": _retention}[args.command]
     return handler(args)
 
 
@@ -170,6 +176,20 @@ def _worker(args) -> int:
         return 2
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     return run_worker(config, queues, args.concurrency)
+
+
+def _retention(args) -> int:
+    from dicom_ai_node.retention import Retention
+    from dicom_ai_node.storage import Storage
+
+    config = _config(args)
+    storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
+    report = Retention(config.retention, _database(args), storage).run(dry_run=args.dry_run, actor="cli")
+    print(report.line() + f"; disk {report.disk_used_percent}% used"
+          + ("; more is due, run it again" if report.files_left else ""))
+    if not config.retention.enabled:
+        print("note: [retention] enabled = false, so the node itself never runs it")
+    return 0
 
 
 def _rules(args) -> int:

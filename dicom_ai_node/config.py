@@ -91,6 +91,20 @@ class CeleryConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """[retention]: when stored files and their index rows are deleted (dicom_ai_node/retention.py).
+    Days count from when a study settled: its last instance received, its last job finished and
+    its last delivery sent or given up."""
+
+    enabled: bool = True
+    instances_days: float = 30.0  # received instances
+    results_days: float = 90.0  # result objects the node wrote (and their delivery rows)
+    failed_days: float = 180.0  # both, for a study with a failed job or a failed delivery
+    high_watermark_percent: float = 90.0  # disk use above this: clean up early, oldest first ...
+    low_watermark_percent: float = 80.0  # ... until below this
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     node: NodeConfig
@@ -106,6 +120,7 @@ class Config:
     # routing rule has no qc_fail of its own (hold | send_flagged | drop)
     qc_on_fail: str = "hold"
     celery: CeleryConfig | None = None  # set when executor = "celery"
+    retention: RetentionConfig = field(default_factory=RetentionConfig)  # [retention]
 
     def destination(self, name: str) -> DestinationConfig:
         for destination in self.destinations:
@@ -181,7 +196,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     read = _Reader(path)
     read.unknown_keys(tree, {"node", "database", "completion", "workers", "models",
-                             "destinations", "rules", "web", "qc"}, "")
+                             "destinations", "rules", "web", "qc", "retention"}, "")
 
     raw = read.get(tree, "node", "", dict, default={})
     read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
@@ -323,6 +338,18 @@ def load_config(path: str | Path) -> Config:
     qc_on_fail = read.get(raw, "on_fail", "qc", str, "hold", lambda v: v in QC_FAIL_POLICIES,
                           f"must be one of {', '.join(QC_FAIL_POLICIES)}")
 
+    raw = read.get(tree, "retention", "", dict, default={})
+    read.unknown_keys(raw, {"enabled", "instances_days", "results_days", "failed_days",
+                            "high_watermark_percent", "low_watermark_percent"}, "retention")
+    days = {key: read.get(raw, key, "retention", float, getattr(RetentionConfig, key), lambda v: v >= 1,
+                          "must be at least 1 day") for key in ("instances_days", "results_days", "failed_days")}
+    marks = {key: read.get(raw, key, "retention", float, getattr(RetentionConfig, key), lambda v: 0 < v <= 100,
+                           "must be a percentage above 0 and at most 100")
+             for key in ("high_watermark_percent", "low_watermark_percent")}
+    if marks["low_watermark_percent"] >= marks["high_watermark_percent"]:
+        read.fail("retention.low_watermark_percent", "must be below high_watermark_percent")
+    retention = RetentionConfig(enabled=read.get(raw, "enabled", "retention", bool, True), **days, **marks)
+
     storage_override = os.environ.get("DICOM_AI_NODE_STORAGE_DIR")
     if storage_override:
         node = NodeConfig(**{**node.__dict__, "storage_dir": Path(storage_override)})
@@ -331,4 +358,4 @@ def load_config(path: str | Path) -> Config:
     return Config(path=path, node=node, database_url=database_url, quiet_period_s=quiet,
                   workers=workers, executor=executor, model_paths=tuple(model_paths),
                   destinations=tuple(destinations), rules=rules, web=web, qc_on_fail=qc_on_fail,
-                  celery=celery)
+                  celery=celery, retention=retention)

@@ -24,6 +24,8 @@ from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
 from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.results.warm_up import warm_up
+from dicom_ai_node.retention import CHECK_INTERVAL_S as RETENTION_CHECK_S
+from dicom_ai_node.retention import Retention
 from dicom_ai_node.router import Router, RuleStore
 from dicom_ai_node.routing import RuleError, check_rules
 from dicom_ai_node.storage import Storage
@@ -81,6 +83,10 @@ class Node:
                 self.executor.submit(job_id)
         self.scheduler.add_job(self.completion.check, "interval", seconds=CHECK_INTERVAL_S,
                                id="completion", max_instances=1, coalesce=True)
+        # retention ([retention]): a full run daily, and at once when the disk is above the high watermark
+        self.retention = Retention(self.config.retention, self.database, self.storage)
+        self.scheduler.add_job(self.retention.scheduled, "interval", seconds=RETENTION_CHECK_S, id="retention",
+                               max_instances=1, coalesce=True)
         leftovers = self.storage.clear_incoming()  # before any receiver runs
         if leftovers:
             log.warning("removed %d half-received instances left by an earlier stop (none was "

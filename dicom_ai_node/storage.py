@@ -135,6 +135,23 @@ class Storage:
         """Delete a stored file (e.g. one whose index row could not be written)."""
         self.absolute(relative).unlink(missing_ok=True)
 
+    def remove_empty_folders(self, relative: str) -> None:
+        """Remove a folder under the root and its sub-folders where empty, deepest first; a
+        folder with a file in it (e.g. an instance that just arrived) is left alone."""
+        top = self.absolute(relative)
+        if not top.is_dir():
+            return
+        folders = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+        for folder in [*folders, top]:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+    def disk_usage(self):
+        """(total, used, free) bytes of the file system the storage lives on."""
+        return shutil.disk_usage(self.root)
+
     def write_atomic(self, relative: str, chunks: list[bytes] | bytes) -> int:
         """Write to a temporary file, fsync, rename into place, fsync the folder.
 

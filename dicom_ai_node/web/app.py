@@ -53,6 +53,7 @@ def create_app(context: WebContext) -> FastAPI:
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse,
              summary="Prometheus metrics (no login: no patient data in them)")
     def prometheus() -> Response:
-        return Response(metrics.render(context.database), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(context.database, context.config.node.storage_dir),
+                        media_type="text/plain; version=0.0.4")
 
     return app

@@ -6,7 +6,9 @@ lets several processes share one database; a scrape costs a few aggregate querie
 
 from __future__ import annotations
 
+import shutil
 from datetime import timezone
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -21,8 +23,9 @@ PREFIX = "dicom_ai_node"
 
 
 class NodeCollector:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, storage_dir: Path | None = None):
         self.database = database
+        self.storage_dir = storage_dir
 
     def collect(self):
         with self.database.session() as session:
@@ -69,6 +72,23 @@ class NodeCollector:
             queue.add_metric(["deliveries"], pending)
             yield queue
             yield from _destinations(session)
+            yield from _storage(session, self.storage_dir)
+
+
+def _storage(session, storage_dir: Path | None):
+    """Disk use of the storage file system, and the bytes of instances still stored (retention)."""
+    stored = session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0)))
+    yield GaugeMetricFamily(f"{PREFIX}_stored_instance_bytes", "bytes of instances stored now (received "
+                            "minus what retention deleted)", value=int(stored))
+    if storage_dir is None:
+        return
+    try:
+        total, used, free = shutil.disk_usage(storage_dir)
+    except OSError:
+        return
+    for name, value in (("total", total), ("used", used), ("free", free)):
+        yield GaugeMetricFamily(f"{PREFIX}_storage_disk_{name}_bytes", f"{name} bytes of the storage file system",
+                                value=value)
 
 
 def _destinations(session):
@@ -101,7 +121,7 @@ def _histogram(values: list[float]) -> HistogramMetricFamily:
                                  buckets=buckets, sum_value=sum(values))
 
 
-def render(database: Database) -> bytes:
+def render(database: Database, storage_dir: Path | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(database))
+    registry.register(NodeCollector(database, storage_dir))
     return generate_latest(registry)
