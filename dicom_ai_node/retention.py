@@ -327,7 +327,8 @@ class Retention:
 
     def _record(self, report: Report, actor: str) -> None:
         log.info("%s; disk %s%% used", report.line(), report.disk_used_percent)
-        if report.dry_run:
+        freed = report.instances or report.results or report.studies_forgotten
+        if report.dry_run or (not freed and actor == "node"):  # no audit row per idle check
             return
         with self.database.session() as session:
             audit.record(session, actor, "retention.run", None, **asdict(report))
