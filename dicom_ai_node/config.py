@@ -13,6 +13,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dicom_ai_node.routing.rules import QC_FAIL_POLICIES
 
@@ -90,6 +91,34 @@ class CeleryConfig:
     requeue_after_s: float = 300.0  # a job still queued this long after it was sent is sent again
 
 
+# what [[notify]] targets can ask for (dicom_ai_node/notify)
+NOTIFY_EVENTS = ("job_failed", "delivery_failed", "result_held", "disk_high", "association_refused")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """One [[notify]] target: a webhook (JSON POST, HMAC-SHA256 signed) or an e-mail (SMTP)."""
+
+    name: str
+    kind: str  # "webhook" | "email"
+    events: tuple[str, ...]
+    include_phi: bool = False  # patient name/ID in the message only when a site sets this
+    timeout_s: float = 10.0  # each network step
+    # webhook
+    url: str = ""
+    secret: str = field(default="", repr=False)  # HMAC key; empty: unsigned
+    retries: int = 3  # attempts after the first
+    backoff_s: float = 2.0  # first retry after this, doubling
+    # email
+    smtp_host: str = ""
+    smtp_port: int = 587
+    starttls: bool = True
+    user: str = ""
+    password: str = field(default="", repr=False)
+    from_addr: str = ""
+    to: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class RetentionConfig:
     """[retention]: when stored files and their index rows are deleted (dicom_ai_node/retention.py).
@@ -120,6 +149,7 @@ class Config:
     # routing rule has no qc_fail of its own (hold | send_flagged | drop)
     qc_on_fail: str = "hold"
     celery: CeleryConfig | None = None  # set when executor = "celery"
+    notify: tuple[NotifyConfig, ...] = ()  # [[notify]] targets
     retention: RetentionConfig = field(default_factory=RetentionConfig)  # [retention]
 
     def destination(self, name: str) -> DestinationConfig:
@@ -196,7 +226,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     read = _Reader(path)
     read.unknown_keys(tree, {"node", "database", "completion", "workers", "models",
-                             "destinations", "rules", "web", "qc", "retention"}, "")
+                             "destinations", "rules", "web", "qc", "notify", "retention"}, "")
 
     raw = read.get(tree, "node", "", dict, default={})
     read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
@@ -338,6 +368,8 @@ def load_config(path: str | Path) -> Config:
     qc_on_fail = read.get(raw, "on_fail", "qc", str, "hold", lambda v: v in QC_FAIL_POLICIES,
                           f"must be one of {', '.join(QC_FAIL_POLICIES)}")
 
+    notify = _notify_targets(read, read.get(tree, "notify", "", list, default=[]))
+
     raw = read.get(tree, "retention", "", dict, default={})
     read.unknown_keys(raw, {"enabled", "instances_days", "results_days", "failed_days",
                             "high_watermark_percent", "low_watermark_percent"}, "retention")
@@ -358,4 +390,68 @@ def load_config(path: str | Path) -> Config:
     return Config(path=path, node=node, database_url=database_url, quiet_period_s=quiet,
                   workers=workers, executor=executor, model_paths=tuple(model_paths),
                   destinations=tuple(destinations), rules=rules, web=web, qc_on_fail=qc_on_fail,
-                  celery=celery, retention=retention)
+                  celery=celery, notify=notify, retention=retention)
+
+
+def _url_ok(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _notify_targets(read: _Reader, items: list) -> tuple[NotifyConfig, ...]:
+    targets = []
+    for i, item in enumerate(items):
+        where = f"notify[{i}]"
+        if not isinstance(item, dict):
+            read.fail(where, "must be a table ([[notify]])")
+        kind = read.get(item, "kind", where, str, check=lambda v: v in ("webhook", "email"),
+                        problem="must be 'webhook' or 'email'")
+        common = {"kind", "name", "events", "include_phi", "timeout_s"}
+        if kind == "webhook":
+            read.unknown_keys(item, common | {"url", "secret", "retries", "backoff_s"}, where)
+        else:
+            read.unknown_keys(item, common | {"smtp_host", "smtp_port", "starttls", "user", "password",
+                                              "from", "to"}, where)
+        events = read.get(item, "events", where, list, check=lambda v: len(v) > 0,
+                          problem=f"must list at least one of {', '.join(NOTIFY_EVENTS)}")
+        for event in events:
+            if event not in NOTIFY_EVENTS:
+                read.fail(f"{where}.events", f"unknown event {event!r} (known: {', '.join(NOTIFY_EVENTS)})")
+        values = {
+            "name": read.get(item, "name", where, str, f"{kind}-{i + 1}", lambda v: v.strip() != "",
+                             "must not be empty"),
+            "kind": kind, "events": tuple(dict.fromkeys(events)),
+            "include_phi": read.get(item, "include_phi", where, bool, False),
+            "timeout_s": read.get(item, "timeout_s", where, float, 10.0, lambda v: 0 < v <= 300,
+                                  "must be > 0 and <= 300")}
+        if kind == "webhook":
+            values.update(
+                url=read.get(item, "url", where, str, check=_url_ok,
+                             problem="must be an http:// or https:// URL with a host"),
+                secret=read.get(item, "secret", where, str, ""),
+                retries=read.get(item, "retries", where, int, 3, lambda v: 0 <= v <= 10, "must be 0..10"),
+                backoff_s=read.get(item, "backoff_s", where, float, 2.0, lambda v: 0 <= v <= 600,
+                                   "must be 0..600"))
+        else:
+            to = read.get(item, "to", where, list, check=lambda v: len(v) > 0,
+                          problem="must list at least one address")
+            for address in to:
+                if not isinstance(address, str) or "@" not in address:
+                    read.fail(f"{where}.to", f"not an e-mail address: {address!r}")
+            values.update(
+                smtp_host=read.get(item, "smtp_host", where, str, check=lambda v: v.strip() != "",
+                                   problem="must not be empty"),
+                smtp_port=read.get(item, "smtp_port", where, int, 587, lambda p: 0 < p < 65536,
+                                   "must be a TCP port 1..65535"),
+                starttls=read.get(item, "starttls", where, bool, True),
+                user=read.get(item, "user", where, str, ""),
+                password=read.get(item, "password", where, str, ""),
+                from_addr=read.get(item, "from", where, str, check=lambda v: "@" in v,
+                                   problem="must be an e-mail address"),
+                to=tuple(to))
+        targets.append(NotifyConfig(**values))
+    names = [t.name for t in targets]
+    for name in names:
+        if names.count(name) > 1:
+            read.fail("notify", f"duplicate target name {name!r}")
+    return tuple(targets)

@@ -16,12 +16,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_ai_node.completion import CHECK_INTERVAL_S, CompletionWatcher
 from dicom_ai_node.config import Config
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import DisabledModel
+from dicom_ai_node.db.models import DisabledModel, Study
 from dicom_ai_node.deliver.destinations import DestinationStore
 from dicom_ai_node.deliver.outbox import Outbox
 from dicom_ai_node.jobs.executor import CeleryExecutor, LocalExecutor
 from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
 from dicom_ai_node.models import ModelRegistry
+from dicom_ai_node.notify import Notifier
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.results.warm_up import warm_up
 from dicom_ai_node.retention import CHECK_INTERVAL_S as RETENTION_CHECK_S
@@ -49,9 +50,11 @@ class Node:
         self.rules = RuleStore(self.database)
         self.destinations = DestinationStore(self.database)
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.outbox = Outbox(config, self.database, self.storage, lookup=self.destinations.get)
-        self.runner = JobRunner(self.database, self.storage, self.models,
-                                on_results=self._kick_outbox, default_qc_fail=config.qc_on_fail)
+        self.notifier = Notifier(config.notify, config.node.ae_title, patient_of=self._patient_of)
+        self.outbox = Outbox(config, self.database, self.storage, lookup=self.destinations.get,
+                             notify=self.notifier.emit)
+        self.runner = JobRunner(self.database, self.storage, self.models, on_results=self._kick_outbox,
+                                default_qc_fail=config.qc_on_fail, notify=self.notifier.emit)
         if config.celery is not None:  # jobs run in Celery workers (dicom-ai-node worker)
             self.executor = CeleryExecutor(config.celery, self.database, self._model_device)
         else:
@@ -60,7 +63,7 @@ class Node:
         release_grace_s = config.node.release_grace_s if config.node.complete_on_release else None
         self.completion = CompletionWatcher(self.database, config.quiet_period_s, release_grace_s,
                                             self.router.quiet_enough, self.router.route)
-        self.scp = StorageSCP(config.node, self.database, self.storage)
+        self.scp = StorageSCP(config.node, self.database, self.storage, notify=self.notifier.emit)
         self.web = None  # the admin page and API (dicom_ai_node/web), started last
         self._receivers: list[subprocess.Popen] = []  # extra listener processes
 
@@ -69,6 +72,7 @@ class Node:
         self.database.upgrade()
         self.destinations.seed_from_config(self.config.destinations)
         self._load_rules()
+        self.notifier.start()
         self.scheduler.start()
         self.scheduler.add_job(self.outbox.process_due, "interval", seconds=OUTBOX_INTERVAL_S,
                                id="outbox", max_instances=1, coalesce=True)
@@ -160,6 +164,12 @@ class Node:
                                + "\n  ".join(problems))
         log.info("rule set version %d active: %d rules", version, len(rule_set.rules))
 
+    def _patient_of(self, study_uid: str) -> dict:
+        # only for [[notify]] targets with include_phi = true
+        with self.database.session() as session:
+            study = session.get(Study, study_uid)
+            return {"patient_name": study.patient_name, "patient_id": study.patient_id} if study else {}
+
     def _kick_outbox(self) -> None:
         # send results now instead of waiting for the next outbox tick
         self.scheduler.add_job(self.outbox.process_due, misfire_grace_time=None)
@@ -171,4 +181,5 @@ class Node:
         self._stop_receivers()
         self.scp.stop()
         self.executor.shutdown()
+        self.notifier.stop()
         self.database.dispose()

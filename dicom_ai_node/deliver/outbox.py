@@ -17,6 +17,7 @@ from dicom_ai_node.config import Config, DestinationConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Delivery, DestinationRow, Job, JobState, ResultObject, as_utc, utcnow
 from dicom_ai_node.deliver.dimse import send_files
+from dicom_ai_node.notify import ignore
 from dicom_ai_node.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ PAUSED = exists().where(DestinationRow.name == Delivery.destination, Destination
 
 class Outbox:
     def __init__(self, config: Config, database: Database, storage: Storage,
-                 lookup: Callable[[str], DestinationConfig] | None = None):
+                 lookup: Callable[[str], DestinationConfig] | None = None, notify: Callable[..., None] = ignore):
         self.config = config
+        self.notify = notify  # Notifier.emit: "delivery_failed" when deliveries give up
         self.database = database
         self.storage = storage
         # where destinations are looked up (KeyError when unknown): the node passes the
@@ -123,7 +125,7 @@ class Outbox:
         except KeyError:
             max_attempts, backoff_s = 1, 0.0
         now = utcnow()
-        job_ids = set()
+        job_ids, given_up = set(), []
         with self.database.session() as session:
             for delivery_id, (ok, message) in outcomes.items():
                 delivery = session.get(Delivery, delivery_id)
@@ -132,6 +134,7 @@ class Outbox:
                     delivery.state, delivery.sent_at, delivery.last_error = "sent", now, None
                 elif delivery.attempts >= max_attempts:
                     delivery.state, delivery.last_error, delivery.failed_at = "failed", message, now
+                    given_up.append(delivery.id)
                 else:
                     delivery.last_error = message
                     delivery.next_attempt_at = now + timedelta(
@@ -146,6 +149,9 @@ class Outbox:
             # other's still pending and leave it delivering
             for job_id in sorted(job_ids):
                 update_job_after_delivery(session, session.get(Job, job_id, with_for_update=True))
+        if given_up:
+            self.notify("delivery_failed", destination=destination_name, deliveries=len(given_up),
+                        delivery_ids=given_up[:20], job_ids=sorted(job_ids)[:20], error=outcomes[given_up[0]][1])
 
 
 def queue_deliveries(result: ResultObject, destinations: list[str]) -> None:

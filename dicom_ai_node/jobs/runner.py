@@ -29,6 +29,7 @@ from dicom_ai_node.deliver.outbox import queue_deliveries
 from dicom_ai_node.imaging.load import load_series, read_header
 from dicom_ai_node.imaging.volume import VolumeError
 from dicom_ai_node.jobs.encode import encode_results
+from dicom_ai_node.notify import ignore
 from dicom_ai_node.router import input_fingerprint
 from dicom_ai_node.storage import Storage
 from dicom_ai_node.models import ModelRegistry
@@ -47,12 +48,14 @@ class JobFailed(Exception):
 
 class JobRunner:
     def __init__(self, database: Database, storage: Storage, models: ModelRegistry,
-                 on_results: Callable[[], None] = lambda: None, default_qc_fail: str = "hold"):
+                 on_results: Callable[[], None] = lambda: None, default_qc_fail: str = "hold",
+                 notify: Callable[..., None] = ignore):
         self.database = database
         self.storage = storage
         self.models = models
         self.on_results = on_results  # tells the outbox there is something to send
         self.default_qc_fail = default_qc_fail  # [qc] on_fail: for jobs whose rule has no qc_fail
+        self.notify = notify  # Notifier.emit: "job_failed", "result_held"
 
     def run(self, job_id: int) -> None:
         claimed = self.claim(job_id)
@@ -165,7 +168,10 @@ class JobRunner:
         log.info("job %d (%s): %d result objects%s, load %.1fs, inference %.1fs, encode %.1fs",
                  job.id, manifest.name, len(written), ", held for review" if held else "", timings["load_s"],
                  timings["inference_s"], timings["encode_s"])
-        if not held:
+        if held:
+            self.notify("result_held", job_id=job.id, model=manifest.name, study_instance_uid=job.study_instance_uid,
+                        series_instance_uid=job.series_instance_uid, reason=outcome["reason"])
+        else:
             self.on_results()
 
     def _record_checks(self, job_id: int, model_name: str, checks: list[CheckResult], policy: str) -> bool:
@@ -192,10 +198,13 @@ class JobRunner:
         # conditional: a job the router superseded meanwhile stays superseded
         with self.database.session() as session:
             job = session.get(Job, job_id)
-            session.execute(update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED))
-                            .values(state=state, reason=reason, finished_at=utcnow(),
-                                    timings={**job.timings, **timings})
-                            .execution_options(synchronize_session=False))
+            finished = session.execute(update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED))
+                                       .values(state=state, reason=reason, finished_at=utcnow(),
+                                               timings={**job.timings, **timings})
+                                       .execution_options(synchronize_session=False))
+            model, study_uid = job.model_name, job.study_instance_uid
+        if finished.rowcount == 1 and state == JobState.failed:
+            self.notify("job_failed", job_id=job_id, model=model, study_instance_uid=study_uid, reason=reason)
 
 
 def _move(session, job_id: int, expected: JobState, **values) -> bool:

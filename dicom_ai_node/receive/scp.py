@@ -21,6 +21,7 @@ from dicom_ai_node.config import NodeConfig, TlsConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Study, utcnow
 from dicom_ai_node.index import ReceivedInstance
+from dicom_ai_node.notify import ignore
 from dicom_ai_node.receive import upper_layer as ul
 from dicom_ai_node.receive.allow_list import is_allowed
 from dicom_ai_node.receive.association import Association
@@ -55,8 +56,9 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 class StorageSCP:
     network_timeout = 60.0  # seconds of silence before an established association is dropped
 
-    def __init__(self, config: NodeConfig, database: Database, storage: Storage):
+    def __init__(self, config: NodeConfig, database: Database, storage: Storage, notify=ignore):
         self.config = config
+        self.notify = notify  # Notifier.emit: "association_refused", "disk_high"
         self.database = database
         self.storage = storage
         self.ssl_context: ssl.SSLContext | None = None
@@ -114,6 +116,8 @@ class StorageSCP:
                           request.calling_ae_title, address):
             log.warning("rejected association from AE %r at %s: not on the allow-list",
                         request.calling_ae_title, address)
+            self.notify("association_refused", calling_ae=request.calling_ae_title, address=address,
+                        called_ae=request.called_ae_title, reason="calling AE not on the allow-list")
             return ul.REJECT_CALLING_AE_NOT_RECOGNISED
         if not self.config.allow_any_called_ae and request.called_ae_title != self.config.ae_title.strip():
             log.warning("rejected association from AE %r at %s: called AE title %r is not this "
@@ -151,6 +155,7 @@ class StorageSCP:
             return refusal.status, refusal.reason[:64], None
         except DiskFullError as error:
             log.error("refused C-STORE from %s: %s", calling_ae, error)
+            self.notify("disk_high", reason=str(error), calling_ae=calling_ae, status="A700")
             return OUT_OF_RESOURCES, "Out of resources: disk full on the AI node", None
         except StorageError as error:
             log.error("refused C-STORE from %s: %s", calling_ae, error)
