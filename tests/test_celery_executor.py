@@ -21,19 +21,18 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_ai_node.config import ConfigError, load_config
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Instance, Job, JobState, ResultObject, Series, Study
+from dicom_ai_node.db.models import Job, JobState, ResultObject
 from dicom_ai_node.jobs.celery_app import queue_for
 from dicom_ai_node.jobs.celery_worker import default_queues
 from dicom_ai_node.jobs.executor import CeleryExecutor
 from dicom_ai_node.models import ModelRegistry
-from dicom_ai_node.router import input_fingerprint
 from dicom_ai_node.storage import Storage
 from model_zoo.manifest import ManifestError, load_manifest
+from tests.stored import queue_job, store_series
 from tests.synthetic import make_ct_series
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,24 +188,8 @@ enabled = false
         """The series' files and rows and a queued job for it, as the router leaves them (no
         destination, and results of a failed quality check sent flagged: the job ends `done`)."""
         with self.database.session() as session:
-            session.add(Study(study_instance_uid=series.study_instance_uid, state="complete"))
-            session.add(Series(series_instance_uid=series.series_instance_uid,
-                               study_instance_uid=series.study_instance_uid, modality="CT"))
-            session.flush()
-            for path in series.paths:
-                sop_uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
-                relative = self.storage.instance_path(series.study_instance_uid, series.series_instance_uid, sop_uid)
-                self.storage.absolute(relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, self.storage.absolute(relative))
-                session.add(Instance(sop_instance_uid=sop_uid, series_instance_uid=series.series_instance_uid,
-                                     sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                                     transfer_syntax_uid="1.2.840.10008.1.2.1", path=relative, size_bytes=1))
-            job = Job(study_instance_uid=series.study_instance_uid, series_instance_uid=series.series_instance_uid,
-                      model_name=model_name, rule_name="any CT", destinations=[], qc_policy="send_flagged",
-                      input_fingerprint=input_fingerprint(series.sop_instance_uids), input_count=len(series.paths))
-            session.add(job)
-            session.flush()
-            return job.id
+            store_series(session, self.storage, series)
+            return queue_job(session, series, model_name, "any CT", destinations=[], qc_policy="send_flagged")
 
     def start_worker(self, queues: str = "cpu,any") -> subprocess.Popen:
         log = open(self.folder / f"worker{len(self.workers)}.log", "wb")  # noqa: SIM115 - the process writes it

@@ -5,22 +5,19 @@ how hold interacts with release, reject, resend, retry, crash recovery and super
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
-from pydicom import dcmread
 from sqlalchemy import func, select
 
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import (AuditEvent, Delivery, Instance, Job, JobState, QualityCheck, ResultObject,
-                                     Series, Study)
+from dicom_ai_node.db.models import (AuditEvent, Delivery, Job, JobState, QualityCheck, ResultObject)
 from dicom_ai_node.deliver.outbox import resend_deliveries
 from dicom_ai_node.jobs import review
 from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
 from dicom_ai_node.models import ModelRegistry
-from dicom_ai_node.router import input_fingerprint
 from dicom_ai_node.storage import Storage
 from dicom_ai_node.web import actions
+from tests.stored import queue_job, store_series
 from tests.synthetic import make_ct_series
 
 CROPPED = dict(shape=(16, 64, 64), spacing=(0.6, 3.5, 3.5), seed="cropped")  # 9.6 mm of chest, lungs ~57 mL: below 100
@@ -51,25 +48,9 @@ class Gate:
     def job_for(self, series, qc_policy=None, destinations=("pacs",)) -> int:
         """Store the series' files and rows and a queued lung job for it, as the router would."""
         with self.database.session() as session:
-            session.add(Study(study_instance_uid=series.study_instance_uid, state="complete"))
-            session.add(Series(series_instance_uid=series.series_instance_uid,
-                               study_instance_uid=series.study_instance_uid, modality="CT"))
-            session.flush()
-            for path in series.paths:
-                sop_uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
-                relative = self.storage.instance_path(series.study_instance_uid, series.series_instance_uid, sop_uid)
-                self.storage.absolute(relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, self.storage.absolute(relative))
-                session.add(Instance(sop_instance_uid=sop_uid, series_instance_uid=series.series_instance_uid,
-                                     sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
-                                     path=relative, size_bytes=1))
-            job = Job(study_instance_uid=series.study_instance_uid, series_instance_uid=series.series_instance_uid,
-                      model_name="lung_ct_seg", rule_name="chest", destinations=list(destinations),
-                      input_fingerprint=input_fingerprint(series.sop_instance_uids),
-                      input_count=len(series.paths), qc_policy=qc_policy)
-            session.add(job)
-            session.flush()
-            return job.id
+            store_series(session, self.storage, series)
+            return queue_job(session, series, "lung_ct_seg", "chest", destinations=list(destinations),
+                             qc_policy=qc_policy)
 
     def run(self, series, **kwargs) -> int:
         job_id = self.job_for(series, **kwargs)
