@@ -19,7 +19,7 @@ from tests.peers import (
     wait_for,
     write_tiny_ct,
 )
-from tests.test_receive_protocol import associate_rq, raw_associate
+from tests.raw_peer import associate_rq, raw_associate
 
 pytestmark = [pytest.mark.integration, skip_unless_tools("echoscu", "storescu")]
 

@@ -19,13 +19,15 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, build_role
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from tests.node_process import NODE_AE, node_factory  # noqa: F401
 from tests.peers import echoscu, skip_unless_tools, wait_for, write_tiny_ct
+from tests.raw_peer import associate_rq, c_store_rq, p_data, raw_associate, read_exact
 
 pytestmark = [pytest.mark.integration, skip_unless_tools("echoscu")]
 
@@ -105,66 +107,6 @@ def test_negotiation_accepts_storage_and_verification_only(node_factory):
 # -- a raw socket that breaks the protocol ---------------------------------------------
 
 
-def associate_rq(abstract_syntaxes=(CTImageStorage,), called_ae: str = NODE_AE) -> bytes:
-    """An A-ASSOCIATE-RQ PDU, contexts 1, 3, ... in Explicit VR LE, by hand."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "STORESCU"
-    primitive.called_ae_title = called_ae
-    contexts = []
-    for index, abstract_syntax in enumerate(abstract_syntaxes):
-        context = build_context(abstract_syntax, [ExplicitVRLittleEndian])
-        context.context_id = 2 * index + 1
-        contexts.append(context)
-    primitive.presentation_context_definition_list = contexts
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    primitive.user_information = [max_length]
-    rq = A_ASSOCIATE_RQ()
-    rq.from_primitive(primitive)
-    return rq.encode()
-
-
-def raw_associate(node) -> socket.socket:
-    """A-ASSOCIATE-RQ for CT Image Storage (context 1, Explicit VR LE), by hand."""
-    connection = socket.create_connection(("127.0.0.1", node.port), timeout=10)
-    connection.sendall(associate_rq())
-    pdu_type, length = struct.unpack(">BxL", connection.recv(6))
-    assert pdu_type == 0x02  # A-ASSOCIATE-AC
-    _read(connection, length)
-    return connection
-
-
-def _read(connection, length):
-    data = b""
-    while len(data) < length:
-        chunk = connection.recv(length - len(data))
-        assert chunk
-        data += chunk
-    return data
-
-
-def p_data(is_command: bool, last: bool, value: bytes) -> bytes:
-    pdv = struct.pack(">LBB", len(value) + 2, 1, (1 if is_command else 0) | (2 if last else 0)) + value
-    return struct.pack(">BxL", 0x04, len(pdv)) + pdv
-
-
-def c_store_rq(sop_uid: str) -> bytes:
-    from pydicom.dataset import Dataset
-    from pynetdicom.dsutils import encode
-
-    command = Dataset()
-    command.AffectedSOPClassUID = CTImageStorage
-    command.CommandField = 0x0001
-    command.MessageID = 7
-    command.Priority = 0
-    command.CommandDataSetType = 0x0000
-    command.AffectedSOPInstanceUID = sop_uid
-    body = encode(command, True, True)
-    command.CommandGroupLength = len(body)
-    return encode(command, True, True)
-
-
 def test_an_abort_in_the_middle_of_a_data_set_stores_nothing(node_factory, tmp_path):
     node = node_factory()
     dataset = write_tiny_ct(tmp_path / "ct.dcm", rows=64, cols=64)
@@ -185,7 +127,7 @@ def test_a_data_set_fragment_without_a_command_aborts_the_association(node_facto
     node = node_factory()
     connection = raw_associate(node)
     connection.sendall(p_data(False, True, b"\x08\x00\x18\x00"))
-    pdu_type, _ = struct.unpack(">BxL", _read(connection, 6))
+    pdu_type, _ = struct.unpack(">BxL", read_exact(connection, 6))
     assert pdu_type == 0x07  # A-ABORT from the node
     connection.close()
     assert "data set fragment without a command" in node.log()
@@ -211,9 +153,9 @@ def data_set_bytes(path) -> bytes:
 def read_response_status(connection) -> int:
     from pynetdicom.dsutils import decode
 
-    pdu_type, length = struct.unpack(">BxL", _read(connection, 6))
+    pdu_type, length = struct.unpack(">BxL", read_exact(connection, 6))
     assert pdu_type == 0x04
-    body = _read(connection, length)
+    body = read_exact(connection, length)
     return decode(BytesIO(body[6:]), True, True).Status
 
 
@@ -268,8 +210,8 @@ def associate_reply(node, pdu: bytes) -> tuple[int, bytes]:
     """(PDU type, body) of the node's answer to an A-ASSOCIATE-RQ sent on a fresh connection."""
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as connection:
         connection.sendall(pdu)
-        pdu_type, length = struct.unpack(">BxL", _read(connection, 6))
-        return pdu_type, _read(connection, length)
+        pdu_type, length = struct.unpack(">BxL", read_exact(connection, 6))
+        return pdu_type, read_exact(connection, length)
 
 
 @pytest.mark.parametrize("abstract_syntaxes", [(), (PatientRootQueryRetrieveInformationModelFind,)],
@@ -285,9 +227,9 @@ def test_an_association_without_a_usable_presentation_context_is_rejected(node_f
 
 def release(connection) -> None:
     connection.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
-    pdu_type, length = struct.unpack(">BxL", _read(connection, 6))
+    pdu_type, length = struct.unpack(">BxL", read_exact(connection, 6))
     assert pdu_type == 0x06  # A-RELEASE-RP
-    _read(connection, length)
+    read_exact(connection, length)
 
 
 def test_a_non_ascii_affected_sop_instance_uid_gets_a_failure_status_and_the_association_goes_on(

@@ -7,7 +7,6 @@ node's own spare files are not reported as half-received. A real node process, r
 from __future__ import annotations
 
 import shutil
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -21,9 +20,6 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.index import ReceivedInstance
@@ -31,6 +27,7 @@ from dicom_ai_node.receive.index_writer import IndexWriter
 from dicom_ai_node.storage import DiskFullError
 from tests.node_process import NODE_AE, NodeProcess
 from tests.peers import skip_unless_tools, storescu, storescu_failures, write_tiny_ct
+from tests.raw_peer import c_store_rq, p_data, raw_associate, read_exact
 
 pytestmark = [pytest.mark.integration, skip_unless_tools("storescu")]
 
@@ -60,55 +57,6 @@ def received_leftovers(node) -> list[Path]:
 
 
 # -- a raw sender: an association by hand, then any bytes as a data set --------------------
-
-
-def associate(node) -> socket.socket:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "STORESCU"
-    primitive.called_ae_title = NODE_AE
-    context = build_context(CTImageStorage, [ExplicitVRLittleEndian])
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    primitive.user_information = [max_length]
-    rq = A_ASSOCIATE_RQ()
-    rq.from_primitive(primitive)
-    connection = socket.create_connection(("127.0.0.1", node.port), timeout=60)
-    connection.sendall(rq.encode())
-    pdu_type, length = struct.unpack(">BxL", read_exact(connection, 6))
-    assert pdu_type == 0x02, "the node did not accept the association"
-    read_exact(connection, length)
-    return connection
-
-
-def read_exact(connection, length: int) -> bytes:
-    data = b""
-    while len(data) < length:
-        chunk = connection.recv(length - len(data))
-        assert chunk, "the node closed the connection"
-        data += chunk
-    return data
-
-
-def p_data(is_command: bool, last: bool, value: bytes | memoryview) -> bytes:
-    header = struct.pack(">LBB", len(value) + 2, 1, (1 if is_command else 0) | (2 if last else 0))
-    return struct.pack(">BxL", 0x04, len(header) + len(value)) + header + bytes(value)
-
-
-def c_store_rq(sop_uid: str) -> bytes:
-    from pynetdicom.dsutils import encode
-
-    command = Dataset()
-    command.AffectedSOPClassUID = CTImageStorage
-    command.CommandField = 0x0001
-    command.MessageID = 7
-    command.Priority = 0
-    command.CommandDataSetType = 0x0000
-    command.AffectedSOPInstanceUID = sop_uid
-    command.CommandGroupLength = len(encode(command, True, True))
-    return encode(command, True, True)
 
 
 def store(connection, sop_uid: str, *pieces: bytes | tuple[int, int]) -> int:
@@ -213,7 +161,7 @@ def settled_rss_kib(pid: int) -> int:
 def test_a_giant_private_element_does_not_grow_the_nodes_memory(node, tmp_path):
     pid = node.process.pid
     element_size = 384 * MiB
-    connection = associate(node)
+    connection = raw_associate(node, timeout=60)
     try:
         warm_up = ct(tmp_path)  # the same path (a new series, header read from the file) with a small value
         head, tail = split(warm_up, 0x0010)
@@ -251,7 +199,7 @@ def test_a_giant_private_element_does_not_grow_the_nodes_memory(node, tmp_path):
 def test_pixel_data_declared_longer_than_what_came_is_refused_and_nothing_kept(node, tmp_path):
     dataset = ct(tmp_path, rows=16, cols=16)
     encoded = encode(dataset)
-    connection = associate(node)
+    connection = raw_associate(node, timeout=60)
     try:
         status = store(connection, dataset.SOPInstanceUID, encoded[:-200])  # 200 pixel bytes missing
         whole = ct(tmp_path, series_uid=dataset.SeriesInstanceUID, rows=16, cols=16)
@@ -268,7 +216,7 @@ def test_pixel_data_declared_longer_than_what_came_is_refused_and_nothing_kept(n
 def test_a_known_series_is_cut_short_the_same(node, tmp_path):
     first = ct(tmp_path, rows=16, cols=16)
     second = ct(tmp_path, series_uid=first.SeriesInstanceUID, rows=16, cols=16)
-    connection = associate(node)
+    connection = raw_associate(node, timeout=60)
     try:
         assert store(connection, first.SOPInstanceUID, encode(first)) == 0x0000
         status = store(connection, second.SOPInstanceUID, encode(second)[:-200])
@@ -284,7 +232,7 @@ def test_a_sequence_nested_10000_deep_is_refused_for_a_new_and_a_known_series_al
     known = ct(tmp_path, series_uid=first.SeriesInstanceUID)
     new = ct(tmp_path)
     modest = ct(tmp_path, series_uid=first.SeriesInstanceUID)
-    connection = associate(node)
+    connection = raw_associate(node, timeout=60)
     try:
         assert store(connection, first.SOPInstanceUID, encode(first)) == 0x0000
         statuses = {}
