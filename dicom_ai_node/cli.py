@@ -150,14 +150,16 @@ def _serve(args) -> int:
     config = _config(args)
     logs.configure(config.node.log_level, config.node.log_phi)
     node = Node(config)
+    # handlers before start: the DICOM port opens early in start(), and a SIGTERM from then on
+    # (a supervisor, a test that waits for the port) must stop the node cleanly, not kill it
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         node.start()
     except (StartupError, OSError) as error:
         print(f"cannot start: {error}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     logging.getLogger(__name__).info("node ready: %s on port %d", config.node.ae_title, node.scp.port)
     while not stop.wait(1.0):
         pass
