@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("study_uid")
     show.add_argument("--json", action="store_true", help="machine-readable output")
 
+    retract = commands.add_parser("retract", help="take delivered results back: a rejection KOS (IHE IOCM) goes "
+                                  "to the destinations that have them; a retry then writes new UIDs (audited)")
+    retract.add_argument("--job", type=int, required=True, action="append", help="job id (repeatable)")
+    retract.add_argument("--reason", required=True, help="why (written into the KOS and the audit log)")
+
     resend = commands.add_parser("resend", help="queue results for delivery again")
     target = resend.add_mutually_exclusive_group(required=True)
     target.add_argument("--job", type=int, help="every result of this job")
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": _serve, "worker": _worker, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
                "destinations": _destinations, "deliveries": _deliveries,
                "users": _users, "tokens": _tokens, "models": _models, "db": _db,
-               "retention": _retention}[args.command]
+               "retention": _retention, "retract": _retract}[args.command]
     return handler(args)
 
 
@@ -254,6 +259,24 @@ def _resend(args) -> int:
                                   failed=args.failed)
     print(f"{count} deliveries queued again; the running node sends them within a second")
     return 0 if count else 1
+
+
+def _retract(args) -> int:
+    from dicom_ai_node.jobs.retraction import retract_jobs
+    from dicom_ai_node.storage import Storage
+
+    config = _config(args)
+    storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
+    try:
+        outcome = retract_jobs(_database(args), storage, args.job, "cli", args.reason)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
+    for job_id in outcome.retracted:
+        print(f"job {job_id} retracted: its rejection note is queued; the running node sends it within a second")
+    for job_id, why in outcome.refused.items():
+        print(f"job {job_id} not retracted: {why}", file=sys.stderr)
+    return 1 if outcome.refused else 0
 
 
 def _destinations(args) -> int:

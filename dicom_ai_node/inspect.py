@@ -91,6 +91,7 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
             "results": [{
                 "id": result.id, "kind": result.kind, "sop_instance_uid": result.sop_instance_uid,
                 "series_instance_uid": result.series_instance_uid, "path": result.path,
+                "retracted_at": result.retracted_at,
                 "deliveries": [{"id": d.id, "destination": d.destination, "state": d.state,
                                 "attempts": d.attempts, "last_error": d.last_error,
                                 "sent_at": d.sent_at} for d in result.deliveries],

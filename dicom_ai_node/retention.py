@@ -36,6 +36,7 @@ from dicom_ai_node.db.models import (
     JobState,
     QualityCheck,
     ResultObject,
+    Retraction,
     RoutingDecision,
     Series,
     Study,
@@ -90,6 +91,23 @@ class _Run:
     budget: int = MAX_FILES_PER_RUN
     freed: int = 0  # bytes, for the watermark
     done: set = field(default_factory=set)
+
+
+def storage_use(session) -> dict[str, list[dict]]:
+    """What storage holds, for the admin page: received instances (count, bytes) per study
+    state and result objects per job state. Aggregates only: one row per state, whatever the
+    number of studies."""
+    instances = session.execute(
+        select(Study.state, func.count(Instance.sop_instance_uid), func.coalesce(func.sum(Instance.size_bytes), 0))
+        .join(Series, Series.study_instance_uid == Study.study_instance_uid)
+        .join(Instance, Instance.series_instance_uid == Series.series_instance_uid)
+        .group_by(Study.state).order_by(Study.state))
+    results = session.execute(
+        select(Job.state, func.count(ResultObject.id), func.count(ResultObject.retracted_at))
+        .join(ResultObject, ResultObject.job_id == Job.id).group_by(Job.state).order_by(Job.state))
+    return {"instances": [{"state": state, "instances": count, "bytes": int(size)} for state, count, size in instances],
+            "results": [{"state": state.value, "results": count, "retracted": retracted}
+                        for state, count, retracted in results]}
 
 
 class Retention:
@@ -301,6 +319,7 @@ class Retention:
                 return
             jobs = select(Job.id).where(Job.study_instance_uid == study.uid)
             session.execute(delete(QualityCheck).where(QualityCheck.job_id.in_(jobs)))
+            session.execute(delete(Retraction).where(Retraction.job_id.in_(jobs)))  # its KOS went with the results
             session.execute(delete(Job).where(Job.study_instance_uid == study.uid))
             session.execute(delete(RoutingDecision).where(RoutingDecision.study_instance_uid == study.uid))
             session.execute(delete(Series).where(Series.study_instance_uid == study.uid))

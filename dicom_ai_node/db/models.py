@@ -112,11 +112,14 @@ class JobState(str, enum.Enum):
     superseded = "superseded"  # more instances arrived; a newer job on the same series replaces it
     rejected = "rejected"  # held results an admin rejected: nothing is ever sent
     dropped = "dropped"  # results failed their quality checks under policy "drop": nothing sent
+    # delivered results an admin took back (jobs/retraction.py): a rejection KOS is sent; a retry
+    # runs the job again with new UIDs
+    retracted = "retracted"
 
     @property
     def finished(self) -> bool:
         return self in (JobState.done, JobState.failed, JobState.superseded, JobState.rejected,
-                        JobState.dropped)
+                        JobState.dropped, JobState.retracted)
 
 
 class Job(Base):
@@ -176,15 +179,32 @@ class ResultObject(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # seg | sr | key_image | derived
+    kind: Mapped[str] = mapped_column(String(16))  # seg | sr | key_image | derived | rejection (a KOS)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)  # relative to the storage dir
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # taken back by an admin (migration 0007): a rejection KOS referencing it was sent
+    retracted_at: Mapped[datetime | None]
+    retraction_id: Mapped[int | None] = mapped_column(ForeignKey("retraction.id"), index=True)
 
     job: Mapped[Job] = relationship(back_populates="results")
     deliveries: Mapped[list["Delivery"]] = relationship(back_populates="result")
+
+
+class Retraction(Base):
+    """An admin took a job's delivered results back (migration 0007): a Key Object Selection
+    "Rejected for Quality Reasons" referencing them went to the destinations that had them."""
+
+    __tablename__ = "retraction"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kos_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))  # the rejection note sent
 
 
 class Delivery(Base):
@@ -304,3 +324,6 @@ class DisabledModel(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     disabled_by: Mapped[str] = mapped_column(String(64))
     disabled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # disabled as recalled (migration 0007): the version whose delivered results the models page
+    # lists for retraction
+    recalled_version: Mapped[str | None] = mapped_column(String(64))

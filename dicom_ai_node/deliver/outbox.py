@@ -166,7 +166,8 @@ def resend_deliveries(session, actor: str, *, job_id: int | None = None, study_u
     """Put deliveries back to pending with their attempts reset (every one of a job, of a study,
     the listed ones, or every failed one, of one destination when named) and their jobs back
     to delivering; audited with the errors they had. Returns how many were queued."""
-    query = select(Delivery.id).join(ResultObject, ResultObject.id == Delivery.result_id)
+    query = (select(Delivery.id).join(ResultObject, ResultObject.id == Delivery.result_id)
+             .where(ResultObject.retraction_id.is_(None)))  # retracted results are never sent again
     if job_id is not None:
         query, target = query.where(ResultObject.job_id == job_id), f"job {job_id}"
     elif study_uid is not None:

@@ -29,7 +29,9 @@ from dicom_ai_node.deliver.outbox import queue_deliveries
 from dicom_ai_node.imaging.load import load_series, read_header
 from dicom_ai_node.imaging.volume import VolumeError
 from dicom_ai_node.jobs.encode import encode_results
+from dicom_ai_node.jobs.retraction import retraction_count
 from dicom_ai_node.notify import ignore
+from dicom_ai_node.results import common
 from dicom_ai_node.router import input_fingerprint
 from dicom_ai_node.storage import Storage
 from dicom_ai_node.models import ModelRegistry
@@ -138,7 +140,8 @@ class JobRunner:
         started = time.perf_counter()
         header_of = {str(path): header for path, header in zip(paths, headers)}
         sources = [header_of[str(path)] for path in dict.fromkeys(f.path for f in volume.source_frames)]
-        uid_seed = f"dicom-ai-node job {job.id} {job.input_fingerprint} {manifest.name} {manifest.version}"
+        uid_seed = common.job_uid_seed(job.id, job.input_fingerprint, manifest.name, manifest.version,
+                                       retractions=retraction_count(self.database, job.id))
         objects = encode_results(sources, volume, output, manifest, uid_seed, qc_failures=failed)
         written = []
         for kind, dataset in objects:

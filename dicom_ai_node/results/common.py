@@ -1,7 +1,8 @@
 """What every result object shares: deterministic UIDs, the algorithm's identity, equipment.
 
 Every UID a result carries derives from the job's ``uid_seed``, so re-encoding the same job
-(e.g. after a crash) yields the same UIDs and the PACS replaces instead of duplicating.
+(e.g. after a crash) yields the same UIDs and the PACS replaces instead of duplicating; only a
+retraction (jobs/retraction.py) moves the seed on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ NODE_VERSION = __version__
 PROCESSING_ALGORITHM = ("1630", "99IHE", "Processing Algorithm")  # IHE AIR purpose of reference
 DISCLAIMER = "AI RESULT - NOT FOR PRIMARY DIAGNOSIS"
 QC_FAILED = "QC FAILED"  # marks a result sent although it failed its model's quality checks
+
+
+def job_uid_seed(job_id: int, input_fingerprint: str, model_name: str, model_version: str,
+                 retractions: int = 0) -> str:
+    """The seed of every UID a job's results carry. A run after its results were retracted
+    (``retractions`` > 0) gets new UIDs: the PACS rejected the old ones for good (IHE IOCM)."""
+    seed = f"dicom-ai-node job {job_id} {input_fingerprint} {model_name} {model_version}"
+    return f"{seed} after retraction {retractions}" if retractions else seed
 
 
 def new_uid(uid_seed: str, *parts: object) -> str:

@@ -34,11 +34,12 @@ def _job(session: Session, job_id: int) -> Job:
 
 def retry_job(session: Session, job_id: int, actor: str) -> str:
     """A failed job runs again. One whose results exist (delivery failed) only resends them:
-    running it again would write the very same objects."""
+    running it again would write the very same objects. A retracted job runs again (with new
+    UIDs: jobs/retraction.py)."""
     job = _job(session, job_id)
-    if job.state != JobState.failed:
-        raise Refused(f"job {job_id} is {job.state.value}; only failed jobs can be retried")
-    if job.results:
+    if job.state not in (JobState.failed, JobState.retracted):
+        raise Refused(f"job {job_id} is {job.state.value}; only failed jobs can be retried (and retracted ones)")
+    if job.state == JobState.failed and any(result.retraction_id is None for result in job.results):
         resend_deliveries(session, actor, job_id=job_id)
         return "resend"
     job.state, job.reason, job.attempts, job.finished_at = JobState.queued, None, 0, None

@@ -20,8 +20,9 @@ from dicom_ai_node import inspect
 from dicom_ai_node.db.models import Delivery, Job, JobState, ResultObject, RuleSetVersion, Study, utcnow
 from dicom_ai_node.deliver.destinations import delivery_counts, list_destinations, to_json
 from dicom_ai_node.deliver.outbox import dead_letters
-from dicom_ai_node.jobs import review
+from dicom_ai_node.jobs import retraction, review
 from dicom_ai_node.jobs.review import MAX_COMMENT
+from dicom_ai_node.retention import storage_use
 from dicom_ai_node.storage import Storage
 from dicom_ai_node.web import actions, previews, rules_editing, users
 from dicom_ai_node.web.actions import NotFound, Refused
@@ -132,8 +133,9 @@ def dashboard(request: Request, ctx: Context, user: PageUser):
         queued = session.scalar(select(func.count()).where(Job.state == JobState.queued))
         held = session.scalar(select(func.count()).where(Job.state == JobState.held))
         pending = session.scalar(select(func.count()).where(Delivery.state == "pending"))
+        storage = storage_use(session)
     return render(request, "dashboard.html", user, arriving=arriving, recent=recent, running=running,
-                  failed=failed, queued=queued, held=held, pending=pending)
+                  failed=failed, queued=queued, held=held, pending=pending, storage=storage)
 
 
 def _progress(job: Job) -> dict:
@@ -451,10 +453,60 @@ def dead_letters_retry(ctx: Context, user: PageAdmin, destination: Annotated[str
 
 
 @router.get("/models")
-def models_page(request: Request, ctx: Context, user: PageUser):
+def models_page(request: Request, ctx: Context, user: PageUser, page: PageNumber = 0):
     with ctx.database.session() as session:
         rows = models_json(ctx, session)
-    return render(request, "models.html", user, models=rows, problems=ctx.models.problems)
+        recalled = {name: {"version": version, "jobs": retraction.delivered_results_of(
+                        session, name, version, limit=RECALL_PAGE, offset=page * RECALL_PAGE)}
+                    for name, version in retraction.recalls(session).items()}
+    return render(request, "models.html", user, models=rows, problems=ctx.models.problems, recalled=recalled,
+                  page=page, page_size=RECALL_PAGE, max_reason=retraction.MAX_REASON)
+
+
+# ---- retraction (jobs/retraction.py): one job from the study page, a recalled version's in bulk
+
+RECALL_PAGE = 50  # jobs of a recalled version listed (and retracted) per page
+
+
+@router.post("/models/{name}/recall")
+def model_recall(ctx: Context, user: PageAdmin, name: str, version: Annotated[str, Form(max_length=64)] = ""):
+    if name not in ctx.models.manifests:
+        return back("/models", error=f"no model {name!r} installed")
+    try:
+        with ctx.database.session() as session:
+            retraction.recall(session, name, version, user.name)
+    except ValueError as error:
+        return back("/models", error=str(error))
+    return back("/models", msg=f"model {name} disabled, version {version.strip()} recalled: its delivered results are listed below")
+
+
+@router.post("/models/{name}/retract")
+def model_retract(ctx: Context, user: PageAdmin, name: str,
+                  job_ids: Annotated[list[int], Form(max_length=retraction.MAX_BULK)] = [],  # noqa: B006
+                  reason: Annotated[str, Form(max_length=retraction.MAX_REASON)] = ""):
+    if not job_ids:
+        return back("/models", error="tick the jobs to retract")
+    try:
+        outcome = retraction.retract_jobs(ctx.database, _storage(ctx), job_ids, user.name, reason)
+    except ValueError as error:
+        return back("/models", error=str(error))
+    if outcome.retracted:
+        ctx.kick_outbox()
+    refused = "; ".join(f"job {job_id}: {why}" for job_id, why in list(outcome.refused.items())[:5])
+    message = f"{len(outcome.retracted)} job(s) of {name} retracted: rejection notes queued"
+    return back("/models", msg=message, **({"error": refused} if refused else {}))
+
+
+@router.post("/jobs/{job_id}/retract")
+def retract(ctx: Context, user: PageAdmin, job_id: RowId, study: Annotated[str, Form()] = "",
+            reason: Annotated[str, Form(max_length=retraction.MAX_REASON)] = ""):
+    try:
+        with ctx.database.session() as session:
+            retraction.retract(session, _storage(ctx), job_id, user.name, reason)
+    except (LookupError, ValueError) as error:
+        return back(f"/studies/{study}", error=str(error))
+    ctx.kick_outbox()
+    return back(f"/studies/{study}", msg=f"job {job_id} retracted: its rejection note is queued")
 
 
 @router.post("/models/{name}/toggle")

@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from . import audit, dead_letters, destinations, jobs, models, rules, studies, users
+from . import audit, dead_letters, destinations, jobs, models, retractions, rules, studies, users
 
 router = APIRouter(prefix="/api")
-for module in (studies, jobs, dead_letters, rules, destinations, models, audit, users):
+for module in (studies, jobs, retractions, dead_letters, rules, destinations, models, audit, users):
     router.include_router(module.router)
