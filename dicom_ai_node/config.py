@@ -56,17 +56,32 @@ class NodeConfig:
     tls: TlsConfig | None = None
 
 
+DESTINATION_KINDS = ("dimse", "dicomweb")
+DICOMWEB_AUTH = ("none", "basic", "bearer")
+
+
 @dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str | None = None  # dimse: ae_title, host and port required
+    host: str | None = None
+    port: int | None = None
     calling_ae_title: str | None = None  # default: the node's AE title
     max_attempts: int = 5
     backoff_s: float = 2.0  # first retry after this, doubling each time
     timeout_s: float = 30.0
     tls: TlsConfig | None = None
+    kind: str = "dimse"  # "dimse" (C-STORE) or "dicomweb" (STOW-RS, deliver/dicomweb.py)
+    # dicomweb: the base URL (no credentials, query or fragment in it), auth "none" | "basic" |
+    # "bearer"; the password or token is read at each send from secret_file or the environment
+    # variable secret_env, never stored in the database, so a rotated secret needs no restart
+    url: str | None = None
+    auth: str = "none"
+    username: str | None = None
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    verify_tls: bool = True  # https: check the server's certificate (against ca_file when set)
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -318,31 +333,8 @@ def load_config(path: str | Path) -> Config:
             read.fail(f"models.paths[{i}]", f"folder not found: {folder}")
         model_paths.append(folder)
 
-    destinations = []
-    for i, item in enumerate(read.get(tree, "destinations", "", list, default=[])):
-        where = f"destinations[{i}]"
-        if not isinstance(item, dict):
-            read.fail(where, "must be a table ([[destinations]])")
-        read.unknown_keys(item, {"name", "ae_title", "host", "port", "calling_ae_title",
-                                 "max_attempts", "backoff_s", "timeout_s", "tls"}, where)
-        destinations.append(DestinationConfig(
-            name=read.get(item, "name", where, str, check=lambda v: v.strip() != "",
-                          problem="must not be empty"),
-            ae_title=read.get(item, "ae_title", where, str, check=_ae_title_ok,
-                              problem="must be 1..16 ASCII characters"),
-            host=read.get(item, "host", where, str),
-            port=read.get(item, "port", where, int, check=lambda p: 0 < p < 65536,
-                          problem="must be a TCP port 1..65535"),
-            calling_ae_title=read.get(item, "calling_ae_title", where, str, None, _ae_title_ok,
-                                      "must be 1..16 ASCII characters"),
-            max_attempts=read.get(item, "max_attempts", where, int, 5, lambda v: v >= 1,
-                                  "must be >= 1"),
-            backoff_s=read.get(item, "backoff_s", where, float, 2.0, lambda v: v >= 0,
-                               "must be >= 0"),
-            timeout_s=read.get(item, "timeout_s", where, float, 30.0, lambda v: v > 0,
-                               "must be > 0"),
-            tls=read.tls(item, where),
-        ))
+    destinations = [_destination(read, item, f"destinations[{i}]")
+                    for i, item in enumerate(read.get(tree, "destinations", "", list, default=[]))]
     names = [d.name for d in destinations]
     for name in names:
         if names.count(name) > 1:
@@ -391,6 +383,88 @@ def load_config(path: str | Path) -> Config:
                   workers=workers, executor=executor, model_paths=tuple(model_paths),
                   destinations=tuple(destinations), rules=rules, web=web, qc_on_fail=qc_on_fail,
                   celery=celery, notify=notify, retention=retention)
+
+
+DESTINATION_COMMON = {"name", "kind", "max_attempts", "backoff_s", "timeout_s"}
+
+
+def _destination(read: _Reader, item, where: str) -> DestinationConfig:
+    if not isinstance(item, dict):
+        read.fail(where, "must be a table ([[destinations]])")
+    kind = read.get(item, "kind", where, str, "dimse", lambda v: v in DESTINATION_KINDS,
+                    f"must be one of {', '.join(DESTINATION_KINDS)}")
+    common = dict(
+        name=read.get(item, "name", where, str, check=lambda v: v.strip() != "", problem="must not be empty"),
+        kind=kind,
+        max_attempts=read.get(item, "max_attempts", where, int, 5, lambda v: v >= 1, "must be >= 1"),
+        backoff_s=read.get(item, "backoff_s", where, float, 2.0, lambda v: v >= 0, "must be >= 0"),
+        timeout_s=read.get(item, "timeout_s", where, float, 30.0, lambda v: v > 0, "must be > 0"))
+    if kind == "dimse":
+        read.unknown_keys(item, DESTINATION_COMMON | {"ae_title", "host", "port", "calling_ae_title", "tls"}, where)
+        return DestinationConfig(
+            **common,
+            ae_title=read.get(item, "ae_title", where, str, check=_ae_title_ok,
+                              problem="must be 1..16 ASCII characters"),
+            host=read.get(item, "host", where, str),
+            port=read.get(item, "port", where, int, check=lambda p: 0 < p < 65536,
+                          problem="must be a TCP port 1..65535"),
+            calling_ae_title=read.get(item, "calling_ae_title", where, str, None, _ae_title_ok,
+                                      "must be 1..16 ASCII characters"),
+            tls=read.tls(item, where))
+    read.unknown_keys(item, DESTINATION_COMMON | {"url", "auth", "username", "password_file", "password_env",
+                                                  "token_file", "token_env", "verify_tls"}, where)
+    url = read.get(item, "url", where, str, check=dicomweb_url_problem_free,
+                   problem="must be an http:// or https:// base URL without user:password@, query or fragment "
+                           "(credentials go in password_file/token_file)").rstrip("/")
+    auth = read.get(item, "auth", where, str, "none", lambda v: v in DICOMWEB_AUTH,
+                    f"must be one of {', '.join(DICOMWEB_AUTH)}")
+    secret_keys = {"basic": ("password_file", "password_env"), "bearer": ("token_file", "token_env"),
+                   "none": ()}[auth]
+    for key in {"username", "password_file", "password_env", "token_file", "token_env"} - set(secret_keys):
+        if key in item and not (key == "username" and auth == "basic"):
+            read.fail(f"{where}.{key}", f"does not go with auth = {auth!r}")
+    username = secret_file = secret_env = None
+    if auth != "none":
+        if auth == "basic":
+            username = read.get(item, "username", where, str, check=lambda v: v != "" and ":" not in v,
+                                problem="must be a non-empty user name without ':'")
+        given = [key for key in secret_keys if key in item]
+        if len(given) != 1:
+            read.fail(f"{where}.{secret_keys[0]}", f"auth = {auth!r} needs exactly one of "
+                      f"{' or '.join(secret_keys)} (the secret itself never goes in config.toml)")
+        if given[0].endswith("_file"):
+            secret_file = read.resolve(read.get(item, given[0], where, str))
+            if not secret_file.is_file():
+                read.fail(f"{where}.{given[0]}", f"file not found: {secret_file}")
+        else:
+            secret_env = read.get(item, given[0], where, str, check=lambda v: v in os.environ,
+                                  problem="names no environment variable that is set")
+        if urlsplit(url).scheme == "http" and urlsplit(url).hostname not in ("127.0.0.1", "::1", "localhost"):
+            read.fail(f"{where}.url", "sends credentials in clear over http://; use https:// "
+                      "(plain http only to a loopback address)")
+    verify = item.get("verify_tls", True)
+    if not isinstance(verify, (bool, str)) or verify == "":
+        read.fail(f"{where}.verify_tls", f"must be true, false or a CA certificate file, got {verify!r}")
+    ca_file = None
+    if isinstance(verify, str):  # a CA file: trust only the certificates it signed
+        ca_file = read.resolve(verify)
+        if not ca_file.is_file():
+            read.fail(f"{where}.verify_tls", f"file not found: {ca_file}")
+    return DestinationConfig(**common, url=url, auth=auth, username=username, secret_file=secret_file,
+                             secret_env=secret_env, verify_tls=verify is not False, ca_file=ca_file)
+
+
+def dicomweb_url_problem_free(value: str) -> bool:
+    """A DICOMweb base URL the node may store, show and log: http(s), a host, and nothing secret
+    (no user:password@, no query string that might carry a token)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
+            and not parts.query and not parts.fragment and value.isascii() and value.isprintable()
+            and " " not in value and len(value) <= 2048)
 
 
 def _url_ok(value: str) -> bool:

@@ -15,7 +15,8 @@ API summary
 -----------
 - ``free_port()``: a free TCP port on 127.0.0.1.
 - ``OrthancPeer(node_aet, node_host, node_port)``: Orthanc 1.10 child process with its own temp
-  storage, a DicomModalities entry ``"node"`` for our node, the DICOMweb plugin when it loads.
+  storage, a DicomModalities entry ``"node"`` for our node, the DICOMweb plugin when it loads,
+  HTTP basic auth when ``users`` are given.
   ``start()``/``stop()``/context manager; ``rest_get``, ``rest_post``, ``instances``, ``studies``,
   ``find_study``, ``study_series``, ``instance_file``, ``upload``, ``store_to_modality``,
   ``wait_for``, ``wait_for_instances``.
@@ -29,6 +30,7 @@ API summary
 from __future__ import annotations
 
 import atexit
+import base64
 import datetime as _dt
 import json
 import os
@@ -179,7 +181,8 @@ class OrthancPeer:
                  node_port: int | None = None, *, aet: str = "ORTHANC",
                  dicom_port: int | None = None, http_port: int | None = None,
                  workdir: str | os.PathLike | None = None, dicomweb: bool = True,
-                 extra_config: dict[str, Any] | None = None, start_timeout: float = 30.0):
+                 extra_config: dict[str, Any] | None = None, start_timeout: float = 30.0,
+                 users: dict[str, str] | None = None):
         self.node_aet = node_aet
         self.node_host = node_host
         self.node_port = node_port if node_port is not None else free_port()
@@ -195,6 +198,9 @@ class OrthancPeer:
         self.want_dicomweb = dicomweb
         self.dicomweb_loaded = False
         self.extra_config = extra_config or {}
+        # HTTP basic auth on (REST and DICOMweb): user -> password; our own REST calls log in
+        # as the first user
+        self.users = users or {}
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
 
@@ -242,6 +248,8 @@ class OrthancPeer:
             cfg["Plugins"] = [str(DICOMWEB_PLUGIN)]
             cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                                "Host": self.host, "Ssl": False}
+        if self.users:
+            cfg["AuthenticationEnabled"], cfg["RegisteredUsers"] = True, dict(self.users)
         cfg.update(self.extra_config)
         return cfg
 
@@ -342,6 +350,9 @@ class OrthancPeer:
                  accept: str | None = None) -> bytes:
         url = self.base_url + (path if path.startswith("/") else "/" + path)
         req = urllib.request.Request(url, data=body, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         if content_type:
             req.add_header("Content-Type", content_type)
         if accept:

@@ -300,9 +300,20 @@ class DestinationRow(Base):
     __tablename__ = "destination"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    ae_title: Mapped[str] = mapped_column(String(16))
-    host: Mapped[str] = mapped_column(String(255))
-    port: Mapped[int] = mapped_column(Integer)
+    # migration 0008: "dimse" (ae_title, host, port) or "dicomweb" (url, auth; deliver/dicomweb.py)
+    kind: Mapped[str] = mapped_column(String(16), default="dimse", server_default="dimse")
+    ae_title: Mapped[str | None] = mapped_column(String(16))
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None] = mapped_column(Integer)
+    url: Mapped[str | None] = mapped_column(String(2048))  # DICOMweb base URL, nothing secret in it
+    # from config only: the auth kind and where the secret is read at each send (a file or an
+    # environment variable), never the password or token itself
+    auth: Mapped[str] = mapped_column(String(8), default="none", server_default="none")
+    username: Mapped[str | None] = mapped_column(String(255))
+    secret_file: Mapped[str | None] = mapped_column(String(1024))
+    secret_env: Mapped[str | None] = mapped_column(String(255))
+    verify_tls: Mapped[bool] = mapped_column(default=True)
+    ca_file: Mapped[str | None] = mapped_column(String(1024))
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     max_attempts: Mapped[int] = mapped_column(Integer, default=5)
     backoff_s: Mapped[float] = mapped_column(Float, default=2.0)

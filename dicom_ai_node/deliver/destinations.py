@@ -25,13 +25,25 @@ from dicom_ai_node.config import DestinationConfig, TlsConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Delivery, DestinationRow, utcnow
 
-EDITABLE = ("ae_title", "host", "port", "calling_ae_title", "max_attempts", "backoff_s", "timeout_s")
+EDITABLE = ("kind", "ae_title", "host", "port", "calling_ae_title", "url", "max_attempts", "backoff_s", "timeout_s")
+# DICOMweb fields only config.toml sets: the page never shows a secret's whereabouts, and cannot
+# turn certificate checks off
+CONFIG_ONLY = ("auth", "username", "secret_file", "secret_env", "verify_tls", "ca_file")
+DIMSE_DEFAULTS = {"kind": "dimse", "url": None, "auth": "none", "username": None, "secret_file": None,
+                  "secret_env": None, "verify_tls": True, "ca_file": None}
 
 
 def _config_values(destination: DestinationConfig) -> dict:
     values = asdict(destination)
     values["tls"] = None if destination.tls is None else {
         key: str(value) if value is not None else None for key, value in asdict(destination.tls).items()}
+    for key in ("secret_file", "ca_file"):
+        values[key] = None if values[key] is None else str(values[key])
+    if destination.kind == "dimse":
+        # what seeded rows held before DICOMweb (0008): an unchanged DIMSE entry stays unchanged,
+        # so page edits survive the upgrade
+        for key in DIMSE_DEFAULTS:
+            del values[key]
     return values
 
 
@@ -40,13 +52,19 @@ def to_config(row: DestinationRow) -> DestinationConfig:
     if row.tls:
         tls = TlsConfig(cert_file=Path(row.tls["cert_file"]), key_file=Path(row.tls["key_file"]),
                         ca_file=Path(row.tls["ca_file"]) if row.tls.get("ca_file") else None)
-    return DestinationConfig(name=row.name, ae_title=row.ae_title, host=row.host, port=row.port,
+    return DestinationConfig(name=row.name, kind=row.kind, ae_title=row.ae_title, host=row.host, port=row.port,
                              calling_ae_title=row.calling_ae_title, max_attempts=row.max_attempts,
-                             backoff_s=row.backoff_s, timeout_s=row.timeout_s, tls=tls)
+                             backoff_s=row.backoff_s, timeout_s=row.timeout_s, tls=tls, url=row.url,
+                             auth=row.auth, username=row.username,
+                             secret_file=Path(row.secret_file) if row.secret_file else None,
+                             secret_env=row.secret_env, verify_tls=row.verify_tls,
+                             ca_file=Path(row.ca_file) if row.ca_file else None)
 
 
 def to_json(row: DestinationRow) -> dict:
+    # the auth kind only: never a secret, nor where it is kept
     return {"name": row.name, **{key: getattr(row, key) for key in EDITABLE},
+            "auth": row.auth, "verify_tls": row.verify_tls,
             "tls": bool(row.tls), "from_config": row.config_values is not None,
             "updated_at": row.updated_at, "paused": row.paused_at is not None,
             "paused_at": row.paused_at, "paused_by": row.paused_by}
@@ -66,8 +84,8 @@ class DestinationStore:
                 if row is None:
                     row = DestinationRow(name=destination.name)
                     session.add(row)
-                for key in EDITABLE:
-                    setattr(row, key, values[key])
+                for key in EDITABLE + CONFIG_ONLY:
+                    setattr(row, key, values.get(key, DIMSE_DEFAULTS.get(key)))
                 row.tls, row.config_values, row.updated_at = values["tls"], values, utcnow()
                 audit.record(session, "config", "destinations.seed", destination.name)
 

@@ -16,7 +16,7 @@ from dicom_ai_node import audit
 from dicom_ai_node.config import Config, DestinationConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Delivery, DestinationRow, Job, JobState, ResultObject, as_utc, utcnow
-from dicom_ai_node.deliver.dimse import send_files
+from dicom_ai_node.deliver import dicomweb, dimse
 from dicom_ai_node.notify import ignore
 from dicom_ai_node.storage import Storage
 
@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 BATCH = 200  # objects per association; a 400-slice derived series goes in two
 UNKNOWN_TIMEOUT_S = 30.0  # the lease step for rows to a destination that is not configured
 MAX_AUDITED_ERRORS = 100  # a bulk retry keeps this many of the errors it clears in its audit event
+
+# the sender of each destination kind: (destination, calling AE, paths) -> one SendResult per path
+SENDERS = {"dimse": dimse.send_files, "dicomweb": dicomweb.send_files}
 
 # a delivery whose destination an admin paused: never due, whatever its next_attempt_at
 PAUSED = exists().where(DestinationRow.name == Delivery.destination, DestinationRow.paused_at.is_not(None))
@@ -108,7 +111,7 @@ class Outbox:
         else:
             paths = [self.storage.absolute(path) for _, path in due]
             try:
-                results = send_files(destination, self.config.node.ae_title, paths)
+                results = SENDERS[destination.kind](destination, self.config.node.ae_title, paths)
                 outcomes = {delivery_id: (result.ok, result.message)
                             for (delivery_id, _), result in zip(due, results)}
             except Exception as error:  # unreadable file, network error: retry like a refusal

@@ -4,13 +4,14 @@ the pages; each one is audited in the same transaction as the change."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_ai_node import audit
 from dicom_ai_node.db.models import Delivery, DestinationRow, DisabledModel, Job, JobState, utcnow
-from dicom_ai_node.deliver import destinations, dimse
+from dicom_ai_node.deliver import destinations, dicomweb, dimse
 from dicom_ai_node.deliver.destinations import EDITABLE, to_config
 from dicom_ai_node.deliver.outbox import resend_deliveries
 from dicom_ai_node.jobs import review
@@ -119,6 +120,11 @@ def save_destination(session: Session, name: str, values: dict, actor: str, crea
     if row is None:
         row = DestinationRow(name=name)
         session.add(row)
+    elif row.auth not in (None, "none") and _origin(values.get("url")) != _origin(row.url):
+        # config.toml's credentials go only where config.toml sends them: a page edit (or a
+        # stolen admin session) must not redirect them to another server
+        raise Refused(f"destination {name!r} logs in with credentials from config.toml; change where "
+                      "it sends them (its url, or its kind) in config.toml, not on the page")
     before = {key: getattr(row, key) for key in EDITABLE}
     for key in EDITABLE:
         setattr(row, key, values[key])
@@ -127,6 +133,13 @@ def save_destination(session: Session, name: str, values: dict, actor: str, crea
     audit.record(session, actor, "destinations.create" if create else "destinations.update", name,
                  changes=changes)
     return row
+
+
+def _origin(url: str | None) -> tuple | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
 
 
 def delete_destination(ctx: WebContext, session: Session, name: str, actor: str) -> None:
@@ -142,7 +155,8 @@ def delete_destination(ctx: WebContext, session: Session, name: str, actor: str)
 
 
 def echo_destination(ctx: WebContext, name: str, actor: str) -> tuple[bool, str]:
-    """C-ECHO the destination now (at most 10 s); the attempt is audited with its outcome."""
+    """C-ECHO (dimse) or QIDO-RS (dicomweb) the destination now (at most 10 s); the attempt is
+    audited with its outcome."""
     with ctx.database.session() as session:
         row = session.get(DestinationRow, name)
         if row is None:
@@ -153,7 +167,10 @@ def echo_destination(ctx: WebContext, name: str, actor: str) -> tuple[bool, str]
 
         destination = replace(destination, timeout_s=10.0)
     try:
-        ok, message = dimse.echo(destination, ctx.config.node.ae_title)
+        if destination.kind == "dicomweb":
+            ok, message = dicomweb.check(destination)
+        else:
+            ok, message = dimse.echo(destination, ctx.config.node.ae_title)
     except Exception as error:  # TLS files missing, name resolution, ...: say so, don't 500
         ok, message = False, f"{type(error).__name__}: {error}"
     with ctx.database.session() as session:

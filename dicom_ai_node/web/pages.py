@@ -359,13 +359,15 @@ def destinations_page(request: Request, ctx: Context, user: PageUser, edit: str 
 
 
 @router.post("/destinations")
-def destination_save(ctx: Context, user: PageAdmin, name: Annotated[str, Form()], ae_title: Annotated[str, Form()],
-                     host: Annotated[str, Form()], port: Annotated[str, Form()],
+def destination_save(ctx: Context, user: PageAdmin, name: Annotated[str, Form()], ae_title: Annotated[str, Form()] = "",
+                     host: Annotated[str, Form()] = "", port: Annotated[str, Form()] = "",
                      calling_ae_title: Annotated[str, Form()] = "", max_attempts: Annotated[str, Form()] = "5",
                      backoff_s: Annotated[str, Form()] = "2", timeout_s: Annotated[str, Form()] = "30",
-                     mode: Annotated[str, Form()] = "create"):
+                     mode: Annotated[str, Form()] = "create", kind: Annotated[str, Form()] = "dimse",
+                     url: Annotated[str, Form()] = ""):
     try:
-        fields = DestinationFields(ae_title=ae_title, host=host, port=port, calling_ae_title=calling_ae_title or None,
+        fields = DestinationFields(kind=kind, ae_title=ae_title or None, host=host or None, port=port or None,
+                                   calling_ae_title=calling_ae_title or None, url=url or None,
                                    max_attempts=max_attempts, backoff_s=backoff_s, timeout_s=timeout_s)
         if not name or len(name) > 64 or not all(c.isalnum() or c in "_.-" for c in name):
             raise ValueError("name: 1..64 letters, digits or _ . -")

@@ -1,12 +1,13 @@
-"""Destinations: where results go (C-STORE), with a C-ECHO test."""
+"""Destinations: where results go (C-STORE or STOW-RS), with a connection test (C-ECHO or QIDO-RS)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from dicom_ai_node.config import dicomweb_url_problem_free
 from dicom_ai_node.db.models import DestinationRow
 from dicom_ai_node.deliver.destinations import list_destinations, to_json
 from dicom_ai_node.web import actions
@@ -21,13 +22,29 @@ Name = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 class DestinationFields(BaseModel):
-    ae_title: str = Field(min_length=1, max_length=16, pattern=AE_PATTERN)
-    host: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str | None = Field(None, min_length=1, max_length=16, pattern=AE_PATTERN)  # dimse
+    host: str | None = Field(None, min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")
+    port: int | None = Field(None, ge=1, le=65535)
     calling_ae_title: str | None = Field(None, min_length=1, max_length=16, pattern=AE_PATTERN)
+    url: str | None = Field(None, max_length=2048)  # dicomweb: the base URL, nothing secret in it
     max_attempts: int = Field(5, ge=1, le=100)
     backoff_s: float = Field(2.0, ge=0, le=86400)
     timeout_s: float = Field(30.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def fields_of_the_kind(self):
+        if self.kind == "dimse":
+            if not (self.ae_title and self.host and self.port):
+                raise ValueError("a dimse destination needs ae_title, host and port")
+            self.url = None
+        else:
+            if not self.url or not dicomweb_url_problem_free(self.url):
+                raise ValueError("a dicomweb destination needs url: http:// or https://, without "
+                                 "user:password@, query or fragment")
+            self.url = self.url.rstrip("/")
+            self.ae_title = self.host = self.port = self.calling_ae_title = None
+        return self
 
 
 class NewDestination(DestinationFields):
@@ -74,7 +91,7 @@ def delete(ctx: Context, user: Admin, name: Name) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/destinations/{name}/echo", responses=ADMIN_ERRORS, summary="C-ECHO the destination now")
+@router.post("/destinations/{name}/echo", responses=ADMIN_ERRORS, summary="Test the destination now: C-ECHO (dimse) or QIDO-RS (dicomweb)")
 def echo(ctx: Context, user: Admin, name: Name) -> EchoResult:
     with http_errors():
         ok, message = actions.echo_destination(ctx, name, user.name)
