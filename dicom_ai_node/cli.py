@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from sqlalchemy import select
@@ -21,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: ./config.toml)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("serve", help="run the node (DICOM listener, workers, delivery)")
+    serve = commands.add_parser("serve", help="run the node (DICOM listener, workers, delivery)")
+    serve.add_argument("--role", choices=["all", "receiver", "web"], default="all",
+                       help="all (default): everything in one process; receiver: the DICOM listener only; "
+                            "web: the admin page and API, jobs and the node's duties (completion, routing, "
+                            "outbox: one process leads at a time)")
+    serve.add_argument("--port", type=int, default=None, help="DICOM port instead of [node] port")
 
     worker = commands.add_parser("worker", help="run a Celery worker ([workers] executor = \"celery\")")
     worker.add_argument("--queues", default=None,
@@ -83,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     users.add_parser("list", help="users, their roles and whether they are disabled")
     add_user = users.add_parser("add", help="create a user (asks for the password)")
     add_user.add_argument("name")
-    add_user.add_argument("--role", choices=["admin", "viewer"], default="viewer")
+    add_user.add_argument("--role", choices=["admin", "viewer", "sender"], default="viewer")
     add_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     for action, what in (("disable", "refuse its logins, sessions and tokens"), ("enable", "let it log in again"),
                          ("delete", "delete it with its sessions and tokens")):
         users.add_parser(action, help=what).add_argument("name")
     set_role = users.add_parser("role", help="set a user's role")
     set_role.add_argument("name")
-    set_role.add_argument("role", choices=["admin", "viewer"])
+    set_role.add_argument("role", choices=["admin", "viewer", "sender"])
     password = users.add_parser("password", help="set a user's password (asks for it); its sessions end")
     password.add_argument("name")
     password.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -153,8 +159,14 @@ def _serve(args) -> int:
     from dicom_ai_node.node import Node, StartupError
 
     config = _config(args)
-    logs.configure(config.node.log_level, config.node.log_phi)
-    node = Node(config)
+    if args.port is not None:
+        if not 0 < args.port < 65536:
+            print("--port must be a TCP port 1..65535", file=sys.stderr)
+            return 2
+        config = replace(config, node=replace(config.node, port=args.port))
+    logs.configure(config.node.log_level, config.node.log_phi,
+                   process_label="" if args.role == "all" else f"{args.role} ")
+    node = Node(config, role=args.role)
     # handlers before start: the DICOM port opens early in start(), and a SIGTERM from then on
     # (a supervisor, a test that waits for the port) must stop the node cleanly, not kill it
     stop = threading.Event()
@@ -165,7 +177,11 @@ def _serve(args) -> int:
     except (StartupError, OSError) as error:
         print(f"cannot start: {error}", file=sys.stderr)
         return 2
-    logging.getLogger(__name__).info("node ready: %s on port %d", config.node.ae_title, node.scp.port)
+    if node.receives:
+        logging.getLogger(__name__).info("node ready (%s): %s on port %d", args.role, config.node.ae_title,
+                                         node.scp.port)
+    else:
+        logging.getLogger(__name__).info("node ready (%s): web on port %d", args.role, config.web.port)
     while not stop.wait(1.0):
         pass
     node.stop()

@@ -2,6 +2,11 @@
 
 Start order matters for "nothing is lost": the schema is migrated and interrupted jobs are
 re-queued *before* the DICOM port opens; completion needs no re-arming (its facts are rows).
+
+A process runs one role (``serve --role``): "all" (the embedded default), "receiver" (the
+DICOM listener only) or "web" (the admin page and API). Completion and routing, the outbox,
+the job sweeps and retention run in whichever "all" or "web" process holds the leader lease
+(cluster.py), so they run once however many processes share the database.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_ai_node import cluster
 from dicom_ai_node.completion import CHECK_INTERVAL_S, CompletionWatcher
 from dicom_ai_node.config import Config
 from dicom_ai_node.db.engine import Database
@@ -41,10 +47,19 @@ class StartupError(RuntimeError):
 
 
 class Node:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, role: str = "all"):
+        if role not in cluster.ROLES:
+            raise ValueError(f"role must be one of {', '.join(cluster.ROLES)}")
         self.config = config
+        self.role = role
+        self.receives = role in ("all", "receiver")
+        self.leads = role in ("all", "web")  # may hold the leader lease and run jobs
+        self.name = cluster.process_name(role, config.node.port if self.receives else config.web.port)
         self.database = Database(config.database_url)
-        self.storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
+        self.storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20,
+                               incoming_name=self.name.replace("/", "-").replace(":", "-"))
+        self.process = cluster.ProcessRecord(self.database, self.name, role)
+        self.leader = cluster.Leader(self.database, self.name)
         self.models = ModelRegistry(config.model_paths)
         self.models.is_disabled = self._model_disabled
         self.rules = RuleStore(self.database)
@@ -54,7 +69,8 @@ class Node:
         self.outbox = Outbox(config, self.database, self.storage, lookup=self.destinations.get,
                              notify=self.notifier.emit)
         self.runner = JobRunner(self.database, self.storage, self.models, on_results=self._kick_outbox,
-                                default_qc_fail=config.qc_on_fail, notify=self.notifier.emit)
+                                default_qc_fail=config.qc_on_fail, notify=self.notifier.emit,
+                                process_name=self.name)
         if config.celery is not None:  # jobs run in Celery workers (dicom-ai-node worker)
             self.executor = CeleryExecutor(config.celery, self.database, self._model_device)
         else:
@@ -68,29 +84,54 @@ class Node:
         self._receivers: list[subprocess.Popen] = []  # extra listener processes
 
     def start(self) -> None:
-        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
-        self.database.upgrade()
+        if self.leads:
+            threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+        self.database.upgrade()  # every role: the first to start migrates (an advisory lock on PostgreSQL)
+        self.process.beat()
         self.destinations.seed_from_config(self.config.destinations)
         self._load_rules()
         self.notifier.start()
         self.scheduler.start()
-        self.scheduler.add_job(self.outbox.process_due, "interval", seconds=OUTBOX_INTERVAL_S,
-                               id="outbox", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.process.beat, "interval", seconds=cluster.HEARTBEAT_S, id="heartbeat",
+                               max_instances=1, coalesce=True)
+        if self.leads:
+            self._start_duties()
+        if self.receives:
+            self._start_listening()
+        if self.config.web.enabled and self.role != "receiver":
+            self._start_web()
+
+    def _start_duties(self) -> None:
+        """Jobs in this process's executor, and the once-per-node duties behind the leader lease."""
+        self.leader.renew()
+        self.scheduler.add_job(self.leader.renew, "interval", seconds=cluster.HEARTBEAT_S, id="leader",
+                               max_instances=1, coalesce=True)
         if isinstance(self.executor, CeleryExecutor):
             # running jobs belong to the workers (a dead worker's message is redelivered);
             # queued ones are sent again, their messages may be lost, and swept from now on
             self.executor.submit_queued()
-            self.scheduler.add_job(self.executor.sweep, "interval", seconds=self.executor.sweep_interval_s,
-                                   id="job-sweep", max_instances=1, coalesce=True)
+            self._add_duty(self.executor.sweep, self.executor.sweep_interval_s, "job-sweep")
         else:
-            for job_id in recover_unfinished(self.database):
+            for job_id in recover_unfinished(self.database, self.name):  # a claim decides who runs each
                 self.executor.submit(job_id)
-        self.scheduler.add_job(self.completion.check, "interval", seconds=CHECK_INTERVAL_S,
-                               id="completion", max_instances=1, coalesce=True)
+        self._add_duty(self._take_back_orphaned_jobs, cluster.HEARTBEAT_S, "orphaned-jobs")
+        self._add_duty(self.outbox.process_due, OUTBOX_INTERVAL_S, "outbox")
+        self._add_duty(self.completion.check, CHECK_INTERVAL_S, "completion")
         # retention ([retention]): a full run daily, and at once when the disk is above the high watermark
         self.retention = Retention(self.config.retention, self.database, self.storage)
-        self.scheduler.add_job(self.retention.scheduled, "interval", seconds=RETENTION_CHECK_S, id="retention",
-                               max_instances=1, coalesce=True)
+        self._add_duty(self.retention.scheduled, RETENTION_CHECK_S, "retention")
+
+    def _add_duty(self, duty, seconds: float, name: str) -> None:
+        def if_leading():
+            if self.leader.held():
+                return duty()
+        self.scheduler.add_job(if_leading, "interval", seconds=seconds, id=name, max_instances=1, coalesce=True)
+
+    def _take_back_orphaned_jobs(self) -> None:
+        for job_id in cluster.take_back_orphaned_jobs(self.database, self.name, at_start=False):
+            self.executor.submit(job_id)
+
+    def _start_listening(self) -> None:
         leftovers = self.storage.clear_incoming()  # before any receiver runs
         if leftovers:
             log.warning("removed %d half-received instances left by an earlier stop (none was "
@@ -101,8 +142,6 @@ class Node:
             self._start_receivers()
             self.scheduler.add_job(self._start_receivers, "interval", seconds=5, id="receivers",
                                    max_instances=1, coalesce=True)
-        if self.config.web.enabled:
-            self._start_web()
 
     def _start_receivers(self) -> None:
         """Keep receivers-1 extra listener processes running (restarted if one dies)."""
@@ -115,7 +154,8 @@ class Node:
                           process.returncode)
         while len(alive) < self.config.node.receivers - 1:
             alive.append(subprocess.Popen([sys.executable, "-m", "dicom_ai_node.receive.worker",
-                                           "--config", str(self.config.path)]))
+                                           "--config", str(self.config.path), "--port", str(self.config.node.port),
+                                           "--incoming", self.storage.incoming.name]))
         self._receivers = alive
 
     def _stop_receivers(self) -> None:
@@ -141,7 +181,10 @@ class Node:
         self.web.start()
 
     def _ready(self) -> dict[str, bool]:
-        return {"dicom_listener": self.scp.running, "scheduler": self.scheduler.running}
+        ready = {"scheduler": self.scheduler.running}
+        if self.receives:
+            ready["dicom_listener"] = self.scp.running
+        return ready
 
     def _model_device(self, name: str) -> str:
         manifest = self.models.manifests.get(name)
@@ -171,8 +214,10 @@ class Node:
             return {"patient_name": study.patient_name, "patient_id": study.patient_id} if study else {}
 
     def _kick_outbox(self) -> None:
-        # send results now instead of waiting for the next outbox tick
-        self.scheduler.add_job(self.outbox.process_due, misfire_grace_time=None)
+        # send results now instead of waiting for the next outbox tick (the leader's outbox finds
+        # them within OUTBOX_INTERVAL_S anyway; the lease keeps two senders apart)
+        if self.leader.held():
+            self.scheduler.add_job(self.outbox.process_due, misfire_grace_time=None)
 
     def stop(self) -> None:
         if self.web is not None:
@@ -181,5 +226,7 @@ class Node:
         self._stop_receivers()
         self.scp.stop()
         self.executor.shutdown()
+        self.leader.release()
+        self.process.remove()
         self.notifier.stop()
         self.database.dispose()

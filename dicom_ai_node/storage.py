@@ -18,6 +18,7 @@ from pathlib import Path
 SPARE_INCOMING_FILES = 4
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+INCOMING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")  # never "." or ".."
 
 
 class StorageError(OSError):
@@ -40,12 +41,18 @@ def check_uid(value: object, name: str) -> str:
 
 
 class Storage:
-    def __init__(self, root: Path, min_free_bytes: int = 0):
+    def __init__(self, root: Path, min_free_bytes: int = 0, incoming_name: str | None = None):
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
         (self.root / "results").mkdir(parents=True, exist_ok=True)
-        self.incoming = self.root / "incoming"  # instances being received, same file system
+        # instances being received, on the same file system; with storage shared by several
+        # receiving processes each has its own folder (incoming_name), which it alone clears
+        self.incoming = self.root / "incoming"
+        if incoming_name is not None:
+            if not INCOMING_NAME.fullmatch(incoming_name):
+                raise ValueError(f"incoming folder name {incoming_name!r}: only letters, digits, '.', '_', '-'")
+            self.incoming = self.incoming / incoming_name
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._incoming_counter = itertools.count()
         self._spares: queue.Queue | None = None  # created ahead by open_incoming's thread

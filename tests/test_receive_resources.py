@@ -51,9 +51,16 @@ def stored_files(node) -> list[Path]:
     return list((node.workdir / "storage" / "instances").rglob("*.dcm"))
 
 
+def incoming_folder(node) -> Path:
+    """The node's own folder under storage/incoming (one per receiving process: host-role-port)."""
+    folders = list((node.workdir / "storage" / "incoming").iterdir())
+    assert len(folders) == 1 and folders[0].is_dir() and folders[0].name.endswith(f"-all-{node.port}"), folders
+    return folders[0]
+
+
 def received_leftovers(node) -> list[Path]:
     """Files in incoming/ with content (the node keeps a few empty spare files there)."""
-    return [p for p in (node.workdir / "storage" / "incoming").iterdir() if p.stat().st_size > 0]
+    return [p for p in incoming_folder(node).iterdir() if p.stat().st_size > 0]
 
 
 # -- a raw sender: an association by hand, then any bytes as a data set --------------------
@@ -369,7 +376,7 @@ def test_a_stored_file_whose_index_row_fails_is_removed(small_disk, tmp_path):
 def test_a_restart_reports_only_really_half_received_instances(node, tmp_path):
     write_tiny_ct(tmp_path / "one.dcm")
     assert not storescu_failures(storescu("127.0.0.1", node.port, [tmp_path / "one.dcm"], NODE_AE))
-    incoming = node.workdir / "storage" / "incoming"
+    incoming = incoming_folder(node)
     node.stop()
     spares = list(incoming.iterdir())
     assert spares and all(p.stat().st_size == 0 for p in spares)  # the node's own spare files

@@ -149,6 +149,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # the process running it (NodeProcess.name, migration 0010): only a dead process's jobs are taken back
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
 
     results: Mapped[list["ResultObject"]] = relationship(back_populates="job", order_by="ResultObject.id")
     quality_checks: Mapped[list["QualityCheck"]] = relationship(order_by="QualityCheck.id")
@@ -325,6 +327,35 @@ class DestinationRow(Base):
     # paused by an admin (migration 0005): its deliveries stay pending, not attempted, until resumed
     paused_at: Mapped[datetime | None]
     paused_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class NodeProcess(Base):
+    """A `serve` or `worker` process, seen alive at `last_seen_at` (migration 0010; cluster.py).
+    Shown on the models page and in /metrics; a job claimed by a process not seen for a while
+    is taken back."""
+
+    __tablename__ = "node_process"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # host/role:port, host/worker:pid
+    role: Mapped[str] = mapped_column(String(16))  # all | receiver | web | worker
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str | None] = mapped_column(String(16))  # workers: cpu | cuda
+    queues: Mapped[str | None] = mapped_column(String(64))  # workers: "cpu,any"
+    concurrency: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaderLease(Base):
+    """Who runs the once-per-node duties (completion and routing, outbox, sweeps, retention):
+    the holder renews it; another process takes it once it has expired (migration 0010)."""
+
+    __tablename__ = "leader_lease"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime]
 
 
 class DisabledModel(Base):

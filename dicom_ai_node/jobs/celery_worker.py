@@ -22,6 +22,7 @@ import threading
 
 from sqlalchemy import update
 
+from dicom_ai_node.cluster import HEARTBEAT_S, ProcessRecord, process_name
 from dicom_ai_node.config import Config
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Job, JobState
@@ -57,8 +58,9 @@ def requeue_interrupted(database: Database, job_id: int) -> bool:
 class _ProcessRunner:
     """One JobRunner per worker process, created in that process on its first job."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, process_name: str):
         self._config = config
+        self._process_name = process_name  # Job.claimed_by: this worker (its main process beats)
         self._runner = None
         self._pid = None
         self._lock = threading.Lock()
@@ -86,7 +88,8 @@ class _ProcessRunner:
         models.is_disabled = disabled
         storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
         # no outbox here: the node's outbox finds the new Delivery rows within a second
-        return JobRunner(database, storage, models, default_qc_fail=config.qc_on_fail)
+        return JobRunner(database, storage, models, default_qc_fail=config.qc_on_fail,
+                         process_name=self._process_name)
 
 
 def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> int:
@@ -103,7 +106,11 @@ def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> in
         log.warning("this worker takes the gpu queue but has no GPU: gpu models will run on the CPU")
 
     app = make_app(config.celery)
-    runners = _ProcessRunner(config)
+    name = process_name("worker")
+    record = ProcessRecord(Database(config.database_url), name, "worker", device=device, queues=",".join(queues),
+                           concurrency=concurrency)
+    heartbeat = _start_heartbeat(record)
+    runners = _ProcessRunner(config, name)
 
     @app.task(name=TASK_NAME, bind=True)
     def run_job(task, job_id: int) -> None:
@@ -118,7 +125,30 @@ def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> in
                      "--hostname", f"dicom-ai-node-{device}-{os.getpid()}@{socket.gethostname()}",
                      "--loglevel", config.node.log_level, "--without-gossip", "--without-mingle",
                      "--without-heartbeat"])
+    heartbeat.set()
+    record.remove()
     return 0
+
+
+def _start_heartbeat(record: ProcessRecord) -> threading.Event:
+    """This worker's NodeProcess row (models page, /metrics; a job claimed by a worker not seen
+    for STALE_AFTER_S is taken back), renewed by a thread of the main process while the pool's
+    processes run the jobs."""
+    from celery.signals import worker_process_init
+
+    stop = threading.Event()
+    record.beat()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            record.beat()
+
+    @worker_process_init.connect(weak=False)
+    def forget_parent_connections(**_):  # a pool process must not use (or close) its parent's connections
+        record.database.engine.dispose(close=False)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    return stop
 
 
 def _without_password(url: str) -> str:

@@ -51,8 +51,9 @@ class JobFailed(Exception):
 class JobRunner:
     def __init__(self, database: Database, storage: Storage, models: ModelRegistry,
                  on_results: Callable[[], None] = lambda: None, default_qc_fail: str = "hold",
-                 notify: Callable[..., None] = ignore):
+                 notify: Callable[..., None] = ignore, process_name: str | None = None):
         self.database = database
+        self.process_name = process_name  # Job.claimed_by: which process runs it (cluster.py)
         self.storage = storage
         self.models = models
         self.on_results = on_results  # tells the outbox there is something to send
@@ -68,11 +69,11 @@ class JobRunner:
         try:
             self._execute(job, paths, timings)
         except JobFailed as failure:
-            self._finish(job_id, JobState.failed, str(failure), timings)
+            self._finish(job, JobState.failed, str(failure), timings)
             log.warning("job %d (%s) failed: %s", job_id, job.model_name, failure)
         except Exception as error:
             log.exception("job %d (%s) failed unexpectedly", job_id, job.model_name)
-            self._finish(job_id, JobState.failed, f"internal error: {type(error).__name__}: {error}",
+            self._finish(job, JobState.failed, f"internal error: {type(error).__name__}: {error}",
                          timings)
 
     def claim(self, job_id: int):
@@ -86,7 +87,8 @@ class JobRunner:
         with self.database.session() as session:
             claimed = session.execute(
                 update(Job).where(Job.id == job_id, Job.state == JobState.queued, Job.attempts < MAX_ATTEMPTS)
-                .values(state=JobState.running, attempts=Job.attempts + 1, started_at=utcnow())
+                .values(state=JobState.running, attempts=Job.attempts + 1, started_at=utcnow(),
+                        claimed_by=self.process_name)
                 .execution_options(synchronize_session=False))
             if claimed.rowcount != 1:
                 given_up = session.execute(
@@ -134,7 +136,7 @@ class JobRunner:
         checks = check_output(manifest, output, volume.voxel_volume_ml)
         failed = failures(checks)
         policy = job.qc_policy or self.default_qc_fail
-        if not self._record_checks(job.id, job.model_name, checks, policy):
+        if not self._record_checks(job, checks, policy):
             return  # superseded or cancelled meanwhile, or dropped by the quality gate
 
         started = time.perf_counter()
@@ -158,7 +160,7 @@ class JobRunner:
         else:
             outcome = {"state": JobState.done, "finished_at": utcnow()}
         with self.database.session() as session:
-            if not _move(session, job.id, JobState.encoding, model_version=manifest.version,
+            if not _move(session, job, JobState.encoding, model_version=manifest.version,
                          timings={**timings, "delivery_started_at": utcnow().isoformat()}, **outcome):
                 return
             for kind, dataset, path in written:
@@ -177,17 +179,18 @@ class JobRunner:
         else:
             self.on_results()
 
-    def _record_checks(self, job_id: int, model_name: str, checks: list[CheckResult], policy: str) -> bool:
+    def _record_checks(self, job: Job, checks: list[CheckResult], policy: str) -> bool:
         """Store the checks and the policy applied, in one commit with the job's next state:
         `encoding`, or `dropped` when a check failed and the policy is "drop". False when the
         job is not to be encoded (dropped, or no longer running)."""
+        job_id, model_name = job.id, job.model_name
         failed = failures(checks)
         outcome = {"state": JobState.encoding}
         if failed and policy == "drop":
             outcome = {"state": JobState.dropped, "finished_at": utcnow(),
                        "reason": "dropped: quality checks failed: " + "; ".join(failed)}
         with self.database.session() as session:
-            if not _move(session, job_id, JobState.running, qc_policy=policy, **outcome):
+            if not _move(session, job, JobState.running, qc_policy=policy, **outcome):
                 return False
             session.execute(delete(QualityCheck).where(QualityCheck.job_id == job_id))  # an earlier attempt's
             session.add_all(QualityCheck(job_id=job_id, name=c.name, value=c.value, low=c.low, high=c.high,
@@ -197,11 +200,14 @@ class JobRunner:
                         len(failed), len(checks), policy, "; ".join(failed))
         return outcome["state"] == JobState.encoding
 
-    def _finish(self, job_id: int, state: JobState, reason: str, timings: dict) -> None:
-        # conditional: a job the router superseded meanwhile stays superseded
+    def _finish(self, claimed: Job, state: JobState, reason: str, timings: dict) -> None:
+        # conditional: a job the router superseded meanwhile stays superseded, and one taken
+        # back from this attempt (its process was thought dead) is the new attempt's to finish
+        job_id = claimed.id
         with self.database.session() as session:
             job = session.get(Job, job_id)
-            finished = session.execute(update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED))
+            finished = session.execute(update(Job).where(Job.id == job_id, Job.state.not_in(FINISHED),
+                                                         Job.attempts == claimed.attempts)
                                        .values(state=state, reason=reason, finished_at=utcnow(),
                                                timings={**job.timings, **timings})
                                        .execution_options(synchronize_session=False))
@@ -210,14 +216,18 @@ class JobRunner:
             self.notify("job_failed", job_id=job_id, model=model, study_instance_uid=study_uid, reason=reason)
 
 
-def _move(session, job_id: int, expected: JobState, **values) -> bool:
-    """Set ``values`` on the job only while it is still ``expected``: the router may have
-    superseded it (or an admin cancelled it) meanwhile, and then its results are dropped."""
-    moved = session.execute(update(Job).where(Job.id == job_id, Job.state == expected).values(**values)
+def _move(session, claimed: Job, expected: JobState, **values) -> bool:
+    """Set ``values`` on the job only while it is still ``expected`` in the attempt this runner
+    claimed: the router may have superseded it (or an admin cancelled it) meanwhile, or it was
+    taken back and claimed again (its process was thought dead); then these results are dropped."""
+    job_id = claimed.id
+    moved = session.execute(update(Job).where(Job.id == job_id, Job.state == expected,
+                                              Job.attempts == claimed.attempts).values(**values)
                             .execution_options(synchronize_session=False))
     if moved.rowcount != 1:
-        state = session.scalar(select(Job.state).where(Job.id == job_id))
-        log.info("job %d was %s while running; its results are dropped", job_id, state.value)
+        state, attempts = session.execute(select(Job.state, Job.attempts).where(Job.id == job_id)).one()
+        log.info("job %d was %s (attempt %d) while attempt %d ran; its results are dropped", job_id,
+                 state.value, attempts, claimed.attempts)
         return False
     return True
 
@@ -232,13 +242,10 @@ def _encode(dataset) -> bytes:
     return buffer.getvalue()
 
 
-def recover_unfinished(database: Database) -> list[int]:
-    """After a restart: jobs caught mid-run go back to the queue; returns the jobs to submit."""
-    with database.session() as session:
-        jobs = session.scalars(select(Job).where(Job.state.in_(
-            [JobState.queued, JobState.running, JobState.encoding])).order_by(Job.id)).all()
-        for job in jobs:
-            if job.state != JobState.queued:
-                log.info("job %d was %s when the node stopped; running it again", job.id, job.state.value)
-                job.state = JobState.queued
-        return [job.id for job in jobs]
+def recover_unfinished(database: Database, own_name: str | None = None) -> list[int]:
+    """After a start: jobs whose process is gone go back to the queue (cluster.py); returns
+    every queued job, to submit (a claim decides who runs each)."""
+    from dicom_ai_node import cluster
+
+    cluster.take_back_orphaned_jobs(database, own_name, at_start=True)
+    return cluster.queued_jobs(database)

@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import threading
+from dataclasses import replace
 
 from dicom_ai_node import logs
 from dicom_ai_node.config import load_config
@@ -25,12 +26,16 @@ from dicom_ai_node.storage import Storage
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
+    parser.add_argument("--port", type=int, help="the DICOM port of the node that started us (serve --port)")
+    parser.add_argument("--incoming", help="that node's folder under storage/incoming (it clears it at start)")
     args = parser.parse_args()
     config = load_config(args.config)
+    if args.port is not None:
+        config = replace(config, node=replace(config.node, port=args.port))
     logs.configure(config.node.log_level, config.node.log_phi, process_label=f"receiver-{os.getpid()} ")
     parent = os.getppid()
     database = Database(config.database_url)  # the main process has migrated the schema
-    storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
+    storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20, incoming_name=args.incoming)
     scp = StorageSCP(config.node, database, storage)
     scp.start(shared_port=True)
     stop = threading.Event()
