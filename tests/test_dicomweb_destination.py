@@ -23,6 +23,7 @@ from tests.synthetic import make_ct_series
 from tests.test_destination_pause import delivery, queue_result
 from tests.test_destination_pause import web  # noqa: F401  (the in-process web app + outbox fixture)
 from tests.test_end_to_end import RULES, all_results_arrived
+from tests.web_support import csrf_of
 
 pytestmark = [pytest.mark.integration, skip_unless_tools("storescu", "/usr/sbin/Orthanc")]
 
@@ -167,7 +168,14 @@ def test_the_admin_page_test_is_a_qido_query_and_page_edits_cannot_move_credenti
     assert admin.put("/api/destinations/pacs", json={"kind": "dicomweb", "url": pacs.dicomweb_url,
                                                      "max_attempts": 7}).status_code == 200
 
-    page = web.login().get("/destinations").text
+    browser = web.login()
+    form = {"name": "archive", "kind": "dicomweb", "url": pacs.dicomweb_url, "csrf_token": csrf_of(browser, "/destinations")}
+    assert "saved" in browser.post("/destinations", data=form).headers["location"]
+    assert admin.get("/api/destinations/archive").json()["url"] == pacs.dicomweb_url
+    refused = browser.post("/destinations", data={**form, "name": "bad", "url": "http://u:p@h/dw"})
+    assert "user%3Apassword%40" in refused.headers["location"] and admin.get("/api/destinations/bad").status_code == 404
+
+    page = browser.get("/destinations").text
     assert pacs.dicomweb_url in page and "(basic auth)" in page and "Test (QIDO-RS)" in page
     assert str(tmp_path / "password") not in page and PASSWORD not in page
 
