@@ -5,6 +5,7 @@ C-STORE. The node end to end, then the real outbox in-process for the failure pa
 from __future__ import annotations
 
 import logging
+import socket
 from datetime import timedelta
 
 import pytest
@@ -247,3 +248,18 @@ def test_migration_0008_keeps_existing_destinations_dimse_with_their_page_edits(
         command.downgrade(config, "0007")
         assert [tuple(r) for r in connection.execute(text("SELECT name, port FROM destination"))] == [("pacs", 11112)]
     database.dispose()
+
+
+def test_a_server_that_never_answers_costs_one_timeout_and_is_retried(web):
+    """A peer that takes the connection and never reads or answers (a hung PACS): the attempt
+    ends after timeout_s with a read timeout, and is retried."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # connections complete in the kernel's backlog; nobody accepts them
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/dicom-web"
+        use(web, DestinationConfig(name="pacs", kind="dicomweb", url=url, timeout_s=0.5, backoff_s=0.0))
+        delivery_id, _ = queue_result(web)
+        assert web.outbox.process_due() == 1
+    row = delivery(web, delivery_id)
+    assert (row.state, row.attempts) == ("pending", 1)
+    assert row.last_error.startswith(f"cannot reach {url}: ReadTimeout") and row.last_error.endswith("(retried)")
