@@ -127,15 +127,6 @@ def retraction_count(database: Database, job_id: int) -> int:
         return session.scalar(select(func.count(Retraction.id)).where(Retraction.job_id == job_id)) or 0
 
 
-def retractions_of(session: Session, job_ids: list[int]) -> dict[int, list[Retraction]]:
-    """The retractions of these jobs, oldest first, for the study page."""
-    found: dict[int, list[Retraction]] = {job_id: [] for job_id in job_ids}
-    for retraction in session.scalars(select(Retraction).where(Retraction.job_id.in_(job_ids))
-                                      .order_by(Retraction.id)):
-        found[retraction.job_id].append(retraction)
-    return found
-
-
 def delivered_results_of(session: Session, model_name: str, model_version: str | None,
                          limit: int = 50, offset: int = 0) -> list[dict]:
     """Jobs of a model version with results delivered and not retracted, oldest first, a page of
