@@ -301,6 +301,9 @@ class OrthancPeer:
                 self.rest_get("/system", timeout=1.0)
                 if _port_open(self.host, self.dicom_port):
                     return
+            except OrthancError as error:  # it answers, with an error (a 401): waiting won't help
+                self.stop()
+                raise OrthancError(f"Orthanc answered GET /system with an error: {error}") from None
             except (OSError, urllib.error.URLError, ValueError):
                 pass
             if time.monotonic() >= deadline:
