@@ -6,6 +6,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from dicom_ai_node.db.models import Instance, Job, QualityCheck, RoutingDecision, Series, Study
+from dicom_ai_node.priors.fetcher import fetches_json
 
 
 def list_studies(session: Session, limit: int = 50, offset: int = 0, *, state: str | None = None,
@@ -72,6 +73,8 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
     decisions = session.scalars(select(RoutingDecision).where(RoutingDecision.study_instance_uid == study_uid)
                                 .order_by(RoutingDecision.evaluation, RoutingDecision.id)).all()
     jobs = session.scalars(select(Job).where(Job.study_instance_uid == study_uid).order_by(Job.id)).all()
+    prior_fetches = fetches_json(session, study_uid)
+    prior_of_job = {f["job_id"]: f["summary"] for f in prior_fetches if not f["is_prior_here"]}
     return {
         "study_instance_uid": study.study_instance_uid, "state": study.state,
         "patient_id": study.patient_id, "patient_name": study.patient_name,
@@ -79,6 +82,7 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
         "description": study.study_description, "first_received_at": study.first_received_at,
         "last_received_at": study.last_received_at, "completed_at": study.completed_at,
         "series": series,
+        "prior_fetches": prior_fetches,
         "decisions": [{"evaluation": d.evaluation, "rule_set_version": d.rule_set_version,
                        "rule": d.rule_name, "matched": d.matched, "detail": d.detail,
                        "at": d.created_at} for d in decisions],
@@ -88,6 +92,7 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
             "state": job.state.value, "reason": job.reason, "attempts": job.attempts,
             "timings": job.timings, "created_at": job.created_at, "finished_at": job.finished_at,
             "qc_policy": job.qc_policy, "quality_checks": quality_checks_json(job.quality_checks),
+            "prior": prior_of_job.get(job.id),
             "results": [{
                 "id": result.id, "kind": result.kind, "sop_instance_uid": result.sop_instance_uid,
                 "series_instance_uid": result.series_instance_uid, "path": result.path,

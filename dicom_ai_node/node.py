@@ -27,6 +27,8 @@ from dicom_ai_node.deliver.destinations import DestinationStore
 from dicom_ai_node.deliver.outbox import Outbox
 from dicom_ai_node.jobs.executor import CeleryExecutor, LocalExecutor
 from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
+from dicom_ai_node.priors.fetcher import RESUME_INTERVAL_S as PRIOR_RESUME_S
+from dicom_ai_node.priors.fetcher import PriorFetcher
 from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.notify import Notifier
 from dicom_ai_node.receive.scp import StorageSCP
@@ -75,7 +77,9 @@ class Node:
             self.executor = CeleryExecutor(config.celery, self.database, self._model_device)
         else:
             self.executor = LocalExecutor(self.runner.run, config.workers)
-        self.router = Router(self.database, self.rules, self.executor.submit)
+        # priors a rule asks for: fetched in their own threads, then the job is submitted
+        self.priors = PriorFetcher(self.database, self.destinations.get, config.node.ae_title, self.executor.submit)
+        self.router = Router(self.database, self.rules, self.executor.submit, fetch_priors=self.priors.submit)
         release_grace_s = config.node.release_grace_s if config.node.complete_on_release else None
         self.completion = CompletionWatcher(self.database, config.quiet_period_s, release_grace_s,
                                             self.router.quiet_enough, self.router.route)
@@ -117,6 +121,8 @@ class Node:
         self._add_duty(self._take_back_orphaned_jobs, cluster.HEARTBEAT_S, "orphaned-jobs")
         self._add_duty(self.outbox.process_due, OUTBOX_INTERVAL_S, "outbox")
         self._add_duty(self.completion.check, CHECK_INTERVAL_S, "completion")
+        # prior fetches: a stop interrupted, or whose process died (lease passed): run again
+        self._add_duty(self.priors.resume, PRIOR_RESUME_S, "prior-fetches")
         # retention ([retention]): a full run daily, and at once when the disk is above the high watermark
         self.retention = Retention(self.config.retention, self.database, self.storage)
         self._add_duty(self.retention.scheduled, RETENTION_CHECK_S, "retention")
@@ -225,6 +231,7 @@ class Node:
         self.scheduler.shutdown(wait=False)  # first: its supervisor would restart receivers
         self._stop_receivers()
         self.scp.stop()
+        self.priors.shutdown()
         self.executor.shutdown()
         self.leader.release()
         self.process.remove()

@@ -25,6 +25,7 @@ from dicom_ai_node import audit
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import (Instance, Job, JobState, RoutingDecision, RuleSetVersion,
                                      Series, Study, utcnow)
+from dicom_ai_node.priors.fetcher import add_fetch, is_fetched_prior
 from dicom_ai_node.routing import RuleSet, Run, SeriesFacts, evaluate, parse_rules, plan, rules_to_toml
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,13 @@ def series_facts(session: Session, study_uid: str) -> list[SeriesFacts]:
 
 
 class Router:
-    def __init__(self, database: Database, rules: RuleStore, submit: Callable[[int], None]):
+    def __init__(self, database: Database, rules: RuleStore, submit: Callable[[int], None],
+                 fetch_priors: Callable[[int], None] | None = None):
         self.database = database
         self.rules = rules
         self.submit = submit
+        # a job whose rule asks for priors goes to the prior fetcher, which queues it when done
+        self.fetch_priors = fetch_priors or submit
         self._lock = threading.Lock()  # one routing at a time: completions may race
 
     def quiet_enough(self, study_uid: str, quiet_s: float) -> bool:
@@ -119,6 +123,9 @@ class Router:
                                       .values(state="complete", completed_at=utcnow()))
             if claimed.rowcount == 0:
                 return []  # another timer completed it already
+            if is_fetched_prior(session, study_uid):
+                log.info("study complete: fetched as a prior for another study; not routed")
+                return []
             version, rule_set = self.rules.active(session)
             facts = series_facts(session, study_uid)
             decisions = evaluate(rule_set, facts)
@@ -128,15 +135,20 @@ class Router:
                 session.add(RoutingDecision(study_instance_uid=study_uid, evaluation=evaluation,
                                             rule_set_version=version, rule_name=decision.rule_name,
                                             matched=decision.matched, detail=decision.to_json()))
-            new_jobs = [job for run in plan(decisions)
+            new_jobs = [(job, run) for run in plan(decisions)
                         if (job := self._job_for(session, study_uid, run)) is not None]
             session.flush()
-            job_ids = [job.id for job in new_jobs]
+            job_ids = [job.id for job, _run in new_jobs]
+            with_priors = set()
+            for job, run in new_jobs:
+                if run.priors is not None:  # the job waits for its fetch (jobs/runner.py claim)
+                    add_fetch(session, job, run.priors, run.source)
+                    with_priors.add(job.id)
         matched = [d.rule_name for d in decisions if d.matched]
         log.info("study complete: %d series, rules matched %s, %d new jobs",
                  len(facts), matched or "none", len(job_ids))
         for job_id in job_ids:
-            self.submit(job_id)
+            (self.fetch_priors if job_id in with_priors else self.submit)(job_id)
         return job_ids
 
     def _job_for(self, session: Session, study_uid: str, run: Run) -> Job | None:

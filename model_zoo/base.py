@@ -55,6 +55,19 @@ class ModelOutput:
     # Where the measurements without a segment were taken (bool, input grid), e.g. the uniform
     # region a noise measurement used; the SR outlines it so viewers can show it.
     measurement_region: np.ndarray | None = None
+    # A model that compares (``compares_with_prior``) and was given a prior: its result there.
+    prior: "PriorResult | None" = None
+
+
+@dataclass
+class PriorResult:
+    """What a comparing model found on the prior volume (its own grid): the same measurements
+    as on the current one, the segments, and the prior's slice at the level of the current
+    key slice (for side-by-side key images)."""
+
+    measurements: list[Measurement] = field(default_factory=list)
+    segments: list[SegmentMask] = field(default_factory=list)
+    key_slice: int | None = None
 
 
 def with_weights(network: "torch.nn.Module", manifest: "Manifest | None") -> "torch.nn.Module":
@@ -68,6 +81,10 @@ def with_weights(network: "torch.nn.Module", manifest: "Manifest | None") -> "to
 
 
 class Model(Protocol):
+    """``predict(volume)``; a model with ``compares_with_prior = True`` is also called as
+    ``predict(volume, prior=prior_volume)`` when its rule asks for priors and one was fetched,
+    and then fills ``ModelOutput.prior``."""
+
     manifest: "Manifest"
 
     def predict(self, volume: "Volume") -> ModelOutput: ...

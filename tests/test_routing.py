@@ -295,7 +295,7 @@ def test_evaluation_order_priority_desc_then_name_and_disabled_rule():
     assert json.loads(json.dumps(off.to_json()))["reasons"] == ["disabled"]
     assert set(decisions[1].to_json()) == {
         "rule_name", "priority", "matched", "selected_series", "models", "destinations", "quiet_period_s", "qc_fail",
-        "reasons",
+        "reasons", "priors", "source",
     }
 
 
@@ -358,7 +358,7 @@ def test_all_problems_are_listed_at_once():
     ]
     assert problems_of(data, "config.toml") == [
         "config.toml: rules[0] (a).enabeld: unknown key 'enabeld' (expected one of name, priority, enabled, models, "
-        "destinations, quiet_period_s, qc_fail, when, series)",
+        "destinations, quiet_period_s, qc_fail, when, series, priors, source)",
         "config.toml: rules[0] (a).priority: expected an integer, got a string 'high'",
         "config.toml: rules[0] (a).models: expected a non-empty list of model names, got a string 'seg'",
         "config.toml: rules[0] (a).when.equals: expected a string or number, got a boolean True",

@@ -369,3 +369,37 @@ class DisabledModel(Base):
     # disabled as recalled (migration 0007): the version whose delivered results the models page
     # lists for retraction
     recalled_version: Mapped[str | None] = mapped_column(String(64))
+
+
+class PriorFetch(Base):
+    """An earlier study of the patient fetched for a job whose rule asks for priors (migration
+    0009): the queries and the retrieve at the rule's source, and how they ended. The job is not
+    claimed while its fetch is unfinished; a study that arrived as a prior is never routed."""
+
+    __tablename__ = "prior_fetch"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("job.id"), index=True, unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)  # the current study
+    source: Mapped[str] = mapped_column(String(64))  # destination name
+    # pending -> querying -> retrieving -> done | not_found | failed
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    criteria: Mapped[dict] = mapped_column(JSON, default=dict)  # the rule's priors table
+    prior_study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    prior_series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    prior_study_date: Mapped[str | None] = mapped_column(String(8))
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    received_instances: Mapped[int | None] = mapped_column(Integer)
+    steps: Mapped[list] = mapped_column(JSON, default=list)  # each query / retrieve and its outcome
+    reason: Mapped[str | None] = mapped_column(Text)  # why there is no prior (not found, failed)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    @property
+    def finished(self) -> bool:
+        return self.state in PRIOR_FETCH_FINISHED
+
+
+PRIOR_FETCH_FINISHED = ("done", "not_found", "failed")

@@ -10,7 +10,7 @@ from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.results import common
 from dicom_ai_node.results.key_images import build_key_images
 from dicom_ai_node.results.seg import build_segmentation
-from dicom_ai_node.results.sr import build_measurement_report
+from dicom_ai_node.results.sr import build_measurement_report, longitudinal_tracking_uid
 from model_zoo.base import ModelOutput
 from model_zoo.manifest import Manifest
 
@@ -31,18 +31,26 @@ def derivation_description(manifest: Manifest) -> str:
 
 def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
                    manifest: Manifest, uid_seed: str,
-                   qc_failures: Sequence[str] = ()) -> list[tuple[str, Dataset]]:
+                   qc_failures: Sequence[str] = (), prior=None) -> list[tuple[str, Dataset]]:
     """All result objects of one job as (kind, dataset); UIDs derive from ``uid_seed``, so
     encoding the same job again (after a crash) gives the same objects.
 
     ``qc_failures``: the quality checks this result failed, one sentence each, when it is sent
     flagged (rule policy ``qc_fail = "send_flagged"``); the SR and the key images then say so,
-    and every series description starts with "QC FAILED"."""
+    and every series description starts with "QC FAILED".
+
+    ``prior``: the job's PriorInput (priors/inputs.py) when its rule asks for priors: segments
+    then carry tracking UIDs that stay the same across the patient's studies, and the SR and key
+    images show the prior (or say why there is none)."""
     results: list[tuple[str, Dataset]] = []
+    tracking_uids = None
+    if prior is not None:
+        patient_id = str(sources[0].get("PatientID", "") or "")
+        tracking_uids = {s.name: longitudinal_tracking_uid(patient_id, manifest.name, s.name) for s in output.segments}
     segmentation = None
     if output.segments:
         segmentation = build_segmentation(sources, volume, output, manifest, uid_seed,
-                                          SERIES_NUMBER["seg"])
+                                          SERIES_NUMBER["seg"], tracking_uids=tracking_uids)
         results.append(("seg", segmentation))
     if output.derived_pixels is not None:
         from dicom_ai_node.results.derived import build_derived_series
@@ -54,11 +62,11 @@ def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
     if output.segments or output.measurements or output.findings:
         report = build_measurement_report(sources, volume, output, manifest, uid_seed,
                                           SERIES_NUMBER["sr"], segmentation=segmentation,
-                                          qc_failures=qc_failures)
+                                          qc_failures=qc_failures, tracking_uids=tracking_uids, prior=prior)
         results.append(("sr", report))
     if output.segments or output.saliency is not None:
         for image in build_key_images(sources, volume, output, manifest, uid_seed,
-                                      SERIES_NUMBER["key_image"], qc_failures=qc_failures):
+                                      SERIES_NUMBER["key_image"], qc_failures=qc_failures, prior=prior):
             results.append(("key_image", image))
     if qc_failures:  # the SEG and derived encoders do not know about QC: flag where viewers list series
         for kind, dataset in results:

@@ -32,6 +32,7 @@ from dicom_ai_node.jobs.encode import encode_results
 from dicom_ai_node.jobs.retraction import retraction_count
 from dicom_ai_node.notify import ignore
 from dicom_ai_node.results import common
+from dicom_ai_node.priors.inputs import load_prior, waiting_for_prior
 from dicom_ai_node.router import input_fingerprint
 from dicom_ai_node.storage import Storage
 from dicom_ai_node.models import ModelRegistry
@@ -86,13 +87,14 @@ class JobRunner:
         node processes share the database, exactly one claimer wins each job."""
         with self.database.session() as session:
             claimed = session.execute(
-                update(Job).where(Job.id == job_id, Job.state == JobState.queued, Job.attempts < MAX_ATTEMPTS)
+                update(Job).where(Job.id == job_id, Job.state == JobState.queued, Job.attempts < MAX_ATTEMPTS,
+                                  ~waiting_for_prior(Job.id))
                 .values(state=JobState.running, attempts=Job.attempts + 1, started_at=utcnow(),
                         claimed_by=self.process_name)
                 .execution_options(synchronize_session=False))
             if claimed.rowcount != 1:
                 given_up = session.execute(
-                    update(Job).where(Job.id == job_id, Job.state == JobState.queued)
+                    update(Job).where(Job.id == job_id, Job.state == JobState.queued, Job.attempts >= MAX_ATTEMPTS)
                     .values(state=JobState.failed, finished_at=utcnow(),
                             reason=f"gave up after {MAX_ATTEMPTS} interrupted attempts "
                                    "(the node stopped while running it)")
@@ -128,9 +130,14 @@ class JobRunner:
         if reasons:
             raise JobFailed(f"series does not fit model {manifest.name}: " + "; ".join(reasons))
 
+        prior = load_prior(self.database, self.storage, job.id, manifest)  # None: the rule asks for none
+
         started = time.perf_counter()
         model = self.models.load(manifest)
-        output = model.predict(volume)
+        if prior is not None and prior.volume is not None and getattr(model, "compares_with_prior", False):
+            output = model.predict(volume, prior=prior.volume)
+        else:
+            output = model.predict(volume)
         timings["inference_s"] = _since(started)
 
         checks = check_output(manifest, output, volume.voxel_volume_ml)
@@ -144,7 +151,7 @@ class JobRunner:
         sources = [header_of[str(path)] for path in dict.fromkeys(f.path for f in volume.source_frames)]
         uid_seed = common.job_uid_seed(job.id, job.input_fingerprint, manifest.name, manifest.version,
                                        retractions=retraction_count(self.database, job.id))
-        objects = encode_results(sources, volume, output, manifest, uid_seed, qc_failures=failed)
+        objects = encode_results(sources, volume, output, manifest, uid_seed, qc_failures=failed, prior=prior)
         written = []
         for kind, dataset in objects:
             path = self.storage.result_path(job.id, dataset.SOPInstanceUID)

@@ -37,19 +37,27 @@ def build_key_images(
     series_number: int,
     max_images: int = 3,
     qc_failures: Sequence[str] = (),
+    prior=None,
 ) -> list[Dataset]:
     """Up to ``max_images`` RGB Secondary Capture images, in slice order.
 
     Slices: see :func:`pick_key_slices`. Nothing to show (no masks, no saliency, no key
     slices) gives []. ``qc_failures``: the quality checks a result sent flagged failed.
+    ``prior``: the job's PriorInput; when the model compared (``output.prior``), one more image
+    shows this study's first key slice and the prior's slice at the same level side by side.
     """
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     series_uid = common.new_uid(uid_seed, "key-images", "series")
     images = []
-    for instance_number, index in enumerate(pick_key_slices(volume, output, max_images), start=1):
+    pictures = [(index, *render_slice(volume, output, manifest, index, qc_failures), False)
+                for index in pick_key_slices(volume, output, max_images)]
+    if (pictures and output.prior is not None and output.prior.key_slice is not None
+            and prior is not None and prior.volume is not None):
+        index = next((i for i in output.key_slices if i in [p[0] for p in pictures]), pictures[0][0])
+        pictures.append((index, *side_by_side(volume, output, manifest, index, prior, qc_failures), True))
+    for instance_number, (index, pixels, zoom, comparison) in enumerate(pictures, start=1):
         frame = volume.source_frames[index]
         source = by_uid[frame.sop_instance_uid]
-        pixels, zoom = render_slice(volume, output, manifest, index, qc_failures)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=pixels,
@@ -58,7 +66,7 @@ def build_key_images(
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             series_instance_uid=series_uid,
             series_number=series_number,
-            sop_instance_uid=common.new_uid(uid_seed, "key-images", index),
+            sop_instance_uid=common.new_uid(uid_seed, "key-images", index, *(["prior"] if comparison else [])),
             instance_number=instance_number,
             manufacturer=common.NODE_MANUFACTURER,
             pixel_spacing=(volume.spacing[1] / zoom, volume.spacing[2] / zoom),
@@ -76,6 +84,12 @@ def build_key_images(
                                          *(f"{common.QC_FAILED}: {r}" for r in qc_failures)])[:10240]
         image.DerivationDescription = f"Slice {index + 1} of {volume.shape[0]} with {manifest.algorithm_name} result"[:1024]
         image.SourceImageSequence = [_source_reference(frame)]
+        if comparison:
+            prior_frame = prior.volume.source_frames[output.prior.key_slice]
+            image.SourceImageSequence.append(_source_reference(prior_frame))
+            image.DerivationDescription = (f"Slice {index + 1} of {volume.shape[0]} (left) beside the prior study "
+                                           f"{prior.study_date or ''} at the same level (right), with "
+                                           f"{manifest.algorithm_name} result")[:1024]
         common.copy_clinical_context(image, source)
         if "BodyPartExamined" not in image and "Laterality" not in image:
             # Laterality is Type 2C: with no body part nobody knows whether it is paired, so it
@@ -85,6 +99,24 @@ def build_key_images(
         common.add_contributing_equipment(image, manifest)
         images.append(image)
     return images
+
+
+def side_by_side(volume: Volume, output: ModelOutput, manifest: Manifest, index: int, prior,
+                 qc_failures: Sequence[str] = ()) -> tuple[np.ndarray, int]:
+    """This study's slice ``index`` (left) and the prior's slice at the same level (right), each
+    with its mask; the prior panel is resized to this panel's millimetres per pixel, so the one
+    PixelSpacing holds for the whole picture. Returns the picture and this panel's zoom."""
+    left, zoom = render_slice(volume, output, manifest, index, qc_failures, label="this study")
+    earlier = ModelOutput(segments=output.prior.segments)
+    right, prior_zoom = render_slice(prior.volume, earlier, manifest, output.prior.key_slice, qc_failures,
+                                     label=f"prior {prior.study_date or ''}".strip())
+    scale = (prior.volume.spacing[1] / prior_zoom) / (volume.spacing[1] / zoom), \
+        (prior.volume.spacing[2] / prior_zoom) / (volume.spacing[2] / zoom)
+    size = (max(1, round(right.shape[1] * scale[1])), max(1, round(right.shape[0] * scale[0])))
+    right = np.asarray(Image.fromarray(right).resize(size, Image.Resampling.BILINEAR))
+    height = max(left.shape[0], right.shape[0])
+    panels = [np.pad(panel, ((0, height - panel.shape[0]), (0, 0), (0, 0))) for panel in (left, right)]
+    return np.ascontiguousarray(np.concatenate(panels, axis=1)), zoom
 
 
 def pick_key_slices(volume: Volume, output: ModelOutput, max_images: int) -> list[int]:
@@ -108,7 +140,7 @@ def pick_key_slices(volume: Volume, output: ModelOutput, max_images: int) -> lis
 
 
 def render_slice(volume: Volume, output: ModelOutput, manifest: Manifest, index: int,
-                 qc_failures: Sequence[str] = ()) -> tuple[np.ndarray, int]:
+                 qc_failures: Sequence[str] = (), label: str | None = None) -> tuple[np.ndarray, int]:
     """RGB uint8 picture of slice ``index`` and the integer zoom applied to it."""
     zoom = max(1, -(-MIN_WIDTH // volume.shape[2]))  # ceil
     gray = _windowed(volume, manifest, index)
@@ -125,7 +157,7 @@ def render_slice(volume: Volume, output: ModelOutput, manifest: Manifest, index:
         rgb[_outline(mask)] = colour
     picture = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
     _draw_banner(picture, qc_failures, [f"{manifest.algorithm_name} {manifest.algorithm_version}",
-                                        f"slice {index + 1}/{volume.shape[0]}"])
+                                        f"slice {index + 1}/{volume.shape[0]}" + (f" ({label})" if label else "")])
     return np.asarray(picture), zoom
 
 

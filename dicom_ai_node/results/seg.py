@@ -16,9 +16,11 @@ from model_zoo.base import ModelOutput
 from model_zoo.manifest import Manifest
 
 
-def tracking_uid(uid_seed: str, segment_name: str) -> str:
-    """The UID that tracks one segment across SEG and SR of the same job."""
-    return common.new_uid(uid_seed, "tracking", segment_name)
+def tracking_uid(uid_seed: str, segment_name: str, tracking_uids: dict[str, str] | None = None) -> str:
+    """The UID that tracks one segment across SEG and SR of the same job; ``tracking_uids``
+    (segment name -> UID) overrides it, e.g. with one that stays the same across a patient's
+    studies (results/sr.py longitudinal_tracking_uid)."""
+    return (tracking_uids or {}).get(segment_name) or common.new_uid(uid_seed, "tracking", segment_name)
 
 
 def build_segmentation(
@@ -28,6 +30,7 @@ def build_segmentation(
     manifest: Manifest,
     uid_seed: str,
     series_number: int,
+    tracking_uids: dict[str, str] | None = None,
 ) -> hd.seg.Segmentation:
     """One BINARY segment per ``output.segments`` entry, coded from the manifest.
 
@@ -52,7 +55,7 @@ def build_segmentation(
             segmented_property_type=spec.type.to_highdicom(),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=common.algorithm_identification(manifest),
-            tracking_uid=tracking_uid(uid_seed, segment.name),
+            tracking_uid=tracking_uid(uid_seed, segment.name, tracking_uids),
             tracking_id=spec.label[:64],
             display_color=hd.color.CIELabColor.from_rgb(*spec.color),
         ))

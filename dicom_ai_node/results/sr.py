@@ -28,6 +28,7 @@ source study.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from scipy import ndimage as ndi
 from dicom_ai_node.imaging.volume import Volume
 from dicom_ai_node.results import common
 from dicom_ai_node.results.seg import tracking_uid
-from model_zoo.base import Measurement, ModelOutput
+from model_zoo.base import Measurement, ModelOutput, PriorResult
 from model_zoo.manifest import Manifest
 
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
@@ -51,6 +52,10 @@ MAX_PARTS, MIN_PART = 4, 0.1  # a segment's regions outlined on its key slice: a
 OHIF_FREEHAND_ROI = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"  # an outline and its area
 OHIF_ARROW = "Cornerstone3DTools@^0.1.0:ArrowAnnotate"  # a point and its label
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
+PRIVATE_SCHEME = "99DAINODE"  # the node's own codes where DICOM has none (as in the lung manifest)
+COMPARED_WITH_PRIOR = hd.sr.CodedConcept("PRIOR", PRIVATE_SCHEME, "Comparison with prior study")
+# namespace of the tracking UIDs that stay the same across a patient's studies
+LONGITUDINAL_NAMESPACE = uuid.UUID("6f1c9a52-3a43-4c1e-9b0e-2f7f3c1d8a11")
 PROCEDURE_BY_MODALITY = {
     "CT": codes.LN.CTUnspecifiedBodyRegion,
     "MR": codes.LN.MRIUnspecifiedBodyRegion,
@@ -84,12 +89,20 @@ def build_measurement_report(
     series_number: int,
     segmentation: Dataset | None = None,
     qc_failures: Sequence[str] = (),
+    tracking_uids: dict[str, str] | None = None,
+    prior=None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one job. Pass the SEG built for the same job as ``segmentation``, if any.
 
     ``sources`` may be headers without pixel data. Segment numbers in ``segmentation`` are
     those :func:`~dicom_ai_node.results.seg.build_segmentation` gave (order of output.segments).
     ``qc_failures``: the quality checks a result sent flagged failed, one sentence each.
+    ``tracking_uids``: segment name -> tracking UID (as given to the SEG), else the job's own.
+    ``prior``: the job's PriorInput when its rule asks for priors: with ``output.prior``, each
+    segment also gets a group of the prior's measurements (same tracking UID and identifier,
+    drawn on the prior's image at the same level, Time Point Context: the prior's date) and the
+    change since the prior in the current group; the prior's images are Pertinent Other
+    Evidence. Without a prior, the report says "ran without prior: <reason>".
     """
     source_images = common.sources_in_volume_order(sources, volume)
     algorithm = common.algorithm_sr(manifest)
@@ -103,7 +116,8 @@ def build_measurement_report(
     if segmentation is not None:
         for number, segment in enumerate(output.segments, start=1):
             spec = manifest.segment(segment.name)
-            uid = tracking_uid(uid_seed, segment.name)
+            uid = tracking_uid(uid_seed, segment.name, tracking_uids)
+            earlier = _prior_of(output.prior, prior, segment.name)
             # One outline per region (both lungs, not only the larger one); the first, the
             # largest, carries the segment's tracking UID and so its volumetric measurements.
             anchors = _anchors(segment.mask, volume, output.key_slices, parts=MAX_PARTS)
@@ -119,8 +133,12 @@ def build_measurement_report(
                 finding_type=spec.type.to_highdicom(),
                 finding_category=spec.category.to_highdicom(),
                 algorithm_id=algorithm,
-                measurements=[_measurement(m, manifest) for m in output.measurements if m.segment == segment.name],
+                measurements=[_measurement(m, manifest) for m in output.measurements if m.segment == segment.name]
+                + (_changes(output.measurements, earlier[0], segment.name, manifest) if earlier else []),
+                time_point_context=_time_point(volume, "current") if prior is not None else None,
             ))
+            if earlier:
+                groups.append(_prior_group(uid, spec, segment.name, earlier, prior, manifest, algorithm, qc_mark))
 
     for finding in output.findings:
         spec = manifest.finding(finding.name)
@@ -161,9 +179,16 @@ def build_measurement_report(
         procedure_reported=PROCEDURE_BY_MODALITY.get(volume.modality, codes.SCT.ImagingProcedure),
         imaging_measurements=groups,
     )
-    if qc_failures:
-        report[0].ContentSequence.append(_qc_evaluations(qc_failures))
-    evidence = [*source_images, *([segmentation] if segmentation is not None else [])]
+    evaluations = [*([_prior_statement(prior, output.prior)] if prior is not None else []),
+                   *_qc_findings(qc_failures)]
+    if evaluations:  # TID 1500 row 12: one Qualitative Evaluations container
+        container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
+                                               relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        container.ContentSequence = hd.sr.ContentSequence(evaluations)
+        report[0].ContentSequence.append(container)
+    prior_images = (common.sources_in_volume_order(prior.sources, prior.volume)
+                    if prior is not None and prior.volume is not None and output.prior is not None else [])
+    evidence = [*source_images, *([segmentation] if segmentation is not None else []), *prior_images]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -264,15 +289,11 @@ def _source(volume: Volume, index: int) -> hd.sr.SourceImageForRegion:
     )
 
 
-def _qc_evaluations(qc_failures: Sequence[str]) -> hd.sr.ContainerContentItem:
-    """TID 1500 rows 12 and 14 (not in highdicom 0.28): one "Quality Finding" TEXT per failed check."""
-    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
-                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    container.ContentSequence = hd.sr.ContentSequence([
-        hd.sr.TextContentItem(name=codes.DCM.QualityFinding, value=f"{common.QC_FAILED}: {reason}",
-                              relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-        for reason in qc_failures])
-    return container
+def _qc_findings(qc_failures: Sequence[str]) -> list[hd.sr.TextContentItem]:
+    """TID 1500 row 14 (not in highdicom 0.28): one "Quality Finding" TEXT per failed check."""
+    return [hd.sr.TextContentItem(name=codes.DCM.QualityFinding, value=f"{common.QC_FAILED}: {reason}",
+                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            for reason in qc_failures]
 
 
 def segment_key_slice(mask: np.ndarray, key_slices: Sequence[int] = ()) -> int | None:
@@ -412,3 +433,71 @@ def _observation_context(manifest: Manifest) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+
+
+def longitudinal_tracking_uid(patient_id: str, model_name: str, what: str) -> str:
+    """A tracking UID that is the same in every report of this patient's ``what`` (e.g. the
+    lung segment) by this model, so a viewer links a follow-up's measurement to the prior's:
+    2.25 and a name-based UUID (SHA-1 of patient ID, model and finding; no patient data in it
+    that could be read back)."""
+    return f"2.25.{uuid.uuid5(LONGITUDINAL_NAMESPACE, f'{patient_id}|{model_name}|{what}').int}"
+
+
+def _prior_of(result: PriorResult | None, prior, segment_name: str):
+    """(prior measurements on the segment, prior mask) when the model compared, else None."""
+    if result is None or prior is None or prior.volume is None:
+        return None
+    masks = [s.mask for s in result.segments if s.name == segment_name]
+    measured = [m for m in result.measurements if m.segment == segment_name]
+    return (measured, masks[0] if masks else None, result.key_slice) if measured else None
+
+
+def _changes(current: list[Measurement], earlier: list[Measurement], segment_name: str,
+             manifest: Manifest) -> list[hd.sr.Measurement]:
+    """This study's value minus the prior's, per measurement both have (private concept naming
+    the measured quantity: DICOM has no code for "change since prior" of each)."""
+    before = {m.name: m.value for m in earlier}
+    changes = []
+    for m in current:
+        if m.segment != segment_name or m.name not in before:
+            continue
+        spec = manifest.measurement(m.name)
+        concept = hd.sr.CodedConcept(f"CHG-{spec.concept.value}"[:16], PRIVATE_SCHEME,
+                                     f"Change since prior: {spec.concept.meaning}"[:64])
+        changes.append(hd.sr.Measurement(name=concept, value=round(float(m.value) - float(before[m.name]), 6),
+                                         unit=spec.unit.to_highdicom()))
+    return changes
+
+
+def _time_point(volume: Volume, which: str, study_date: str | None = None) -> hd.sr.TimePointContext:
+    date = study_date or str(volume.attributes.get("StudyDate") or "")
+    return hd.sr.TimePointContext(time_point=f"{which} {date}".strip()[:64],
+                                  time_point_order=2 if which == "current" else 1)
+
+
+def _prior_group(uid: str, spec, segment_name: str, earlier, prior, manifest: Manifest, algorithm,
+                 qc_mark: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The prior's measurements of the segment: same tracking UID and identifier as the current
+    group, the first drawn (outline) on the prior's image at the level of the current key slice."""
+    measured, mask, key_slice = earlier
+    key = [key_slice] if key_slice is not None else []
+    (anchor,) = _anchors(mask, prior.volume, key) if mask is not None else [_whole_slice(prior.volume, [])]
+    label = f"{spec.label} (prior {prior.study_date or ''})".strip() + qc_mark
+    group = _anchored_group(uid, spec.label[:64], label, anchor, [_measurement(m, manifest) for m in measured],
+                            algorithm, finding_type=spec.type.to_highdicom(),
+                            finding_category=spec.category.to_highdicom(),
+                            time_point_context=_time_point(prior.volume, "prior", prior.study_date))
+    return group
+
+
+def _prior_statement(prior, result: PriorResult | None) -> hd.sr.TextContentItem:
+    """For TID 1500 Qualitative Evaluations: whether the report compares with a prior, and which."""
+    if prior.volume is not None and result is not None:
+        text = (f"compared with prior study {prior.study_instance_uid} ({prior.study_date or 'date unknown'}), "
+                f"series {prior.series_instance_uid}")
+    elif prior.volume is not None:
+        text = "ran without prior: the model does not compare studies"
+    else:
+        text = prior.note or "ran without prior"
+    return hd.sr.TextContentItem(name=COMPARED_WITH_PRIOR, value=text[:1024],
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)

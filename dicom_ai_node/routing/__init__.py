@@ -19,7 +19,7 @@ MAX_PATTERN_LENGTH characters), searched anywhere in the value like `re.search`.
 from .conditions import AllOf, AnyOf, Not, TagCondition
 from .evaluate import Decision, Run, evaluate, plan
 from .facts import SeriesFacts
-from .rules import QC_FAIL_POLICIES, Rule, RuleError, RuleSet, check_rules, load_rules_file, parse_rules
+from .rules import QC_FAIL_POLICIES, PriorSpec, Rule, RuleError, RuleSet, check_rules, load_rules_file, parse_rules
 from .selector import SeriesSelector
 from .toml_writer import rules_to_toml
 
@@ -28,6 +28,7 @@ __all__ = [
     "AnyOf",
     "Decision",
     "Not",
+    "PriorSpec",
     "QC_FAIL_POLICIES",
     "Rule",
     "RuleError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .facts import SeriesFacts, series_label
-from .rules import Rule, RuleSet
+from .rules import PriorSpec, Rule, RuleSet
 
 
 @dataclass
@@ -21,6 +21,8 @@ class Decision:
     quiet_period_s: float | None
     qc_fail: str | None  # the rule's policy for results that fail their quality checks (None: node default)
     reasons: list[str]  # one line per series (why it met the conditions or not), then the selector's line
+    priors: PriorSpec | None = None  # the earlier study its jobs also get, from ``source``
+    source: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,6 +59,8 @@ def _evaluate_rule(rule: Rule, series: list[SeriesFacts]) -> Decision:
         quiet_period_s=rule.quiet_period_s,
         qc_fail=rule.qc_fail,
         reasons=reasons,
+        priors=rule.priors,
+        source=rule.source,
     )
 
 
@@ -70,6 +74,8 @@ class Run:
     destinations: list[str]
     rule_name: str
     qc_fail: str | None
+    priors: PriorSpec | None = None
+    source: str | None = None
 
 
 def plan(decisions: list[Decision]) -> list[Run]:
@@ -88,5 +94,5 @@ def plan(decisions: list[Decision]) -> list[Run]:
                 if (series_uid, model) not in taken:
                     taken.add((series_uid, model))
                     runs.append(Run(series_uid, model, list(decision.destinations), decision.rule_name,
-                                    decision.qc_fail))
+                                    decision.qc_fail, decision.priors, decision.source))
     return runs

@@ -12,13 +12,15 @@ from .facts import describe_value
 from .selector import ORIENTATIONS, PICKS, SeriesSelector
 
 RULE_KEYS = ("name", "priority", "enabled", "models", "destinations", "quiet_period_s", "qc_fail", "when",
-             "series")
+             "series", "priors", "source")
 REQUIRED_RULE_KEYS = ("name", "priority", "models", "destinations", "when")
 SELECTOR_KEYS = ("orientation", "min_slices", "pick")
 MAX_NAME_LENGTH = 128  # routing_decision.rule_name and job.rule_name are String(128)
 # what happens to a result that fails its model's quality checks ([qc] in model.toml):
 # kept on the node until an admin releases or rejects it | sent, marked as failed | not sent
 QC_FAIL_POLICIES = ("hold", "send_flagged", "drop")
+PRIOR_KEYS = ("same_modality", "body_part", "within_days", "max")
+MAX_WITHIN_DAYS = 36500
 
 
 class RuleError(Exception):
@@ -27,6 +29,23 @@ class RuleError(Exception):
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """Which earlier study of the patient a job also gets (``priors = {...}``), queried at the
+    rule's ``source`` (a destination that answers C-FIND/C-MOVE)."""
+
+    within_days: int
+    same_modality: bool = True
+    body_part: str | None = None  # BodyPartExamined of the prior's series, compared case-insensitively
+    max: int = 1  # one prior per job: the model compares two studies
+
+    def to_data(self) -> dict:
+        data = {"same_modality": self.same_modality, "within_days": self.within_days, "max": self.max}
+        if self.body_part is not None:
+            data["body_part"] = self.body_part
+        return data
 
 
 @dataclass
@@ -40,6 +59,8 @@ class Rule:
     quiet_period_s: float | None = None  # overrides the global completion quiet period for matched studies
     qc_fail: str | None = None  # one of QC_FAIL_POLICIES; None: the node's [qc] on_fail
     series: SeriesSelector = field(default_factory=SeriesSelector)
+    priors: PriorSpec | None = None
+    source: str | None = None  # destination name queried for priors
 
 
 @dataclass
@@ -117,6 +138,9 @@ def check_rules(
                 if name not in known:
                     choices = ", ".join(sorted(known)) or "none configured"
                     problems.append(f"{label}.{key}[{position}]: unknown {what} {name!r} (known: {choices})")
+        if rule.source is not None and known_destinations is not None and rule.source not in known_destinations:
+            choices = ", ".join(sorted(known_destinations)) or "none configured"
+            problems.append(f"{label}.source: unknown destination {rule.source!r} (known: {choices})")
     return problems + _duplicate_names([rule.name for rule in rule_set.rules], rule_set.source)
 
 
@@ -178,6 +202,14 @@ def _parse_rule(raw: object, problems: list[tuple[str, str]]) -> Rule | None:
 
     when = parse_condition(raw["when"], "when", problems) if "when" in raw else None
     series = _parse_selector(raw.get("series", {}), problems)
+    priors = _parse_priors(raw["priors"], problems) if "priors" in raw else None
+    source = raw.get("source")
+    if "source" in raw and not (isinstance(source, str) and source.strip()):
+        problems.append(("source", f"expected a destination name, got {describe_value(source)}"))
+    elif "priors" in raw and "source" not in raw:
+        problems.append(("source", "missing: priors need a source (the destination to query)"))
+    elif "source" in raw and "priors" not in raw:
+        problems.append(("source", "given without priors (nothing would be queried)"))
 
     if len(problems) > count_before or any(key not in raw for key in REQUIRED_RULE_KEYS):
         return None
@@ -191,7 +223,37 @@ def _parse_rule(raw: object, problems: list[tuple[str, str]]) -> Rule | None:
         quiet_period_s=float(quiet_period_s) if quiet_period_s is not None else None,
         qc_fail=qc_fail,
         series=series,
+        priors=priors,
+        source=source,
     )
+
+
+def _parse_priors(raw: object, problems: list[tuple[str, str]]) -> PriorSpec | None:
+    if not isinstance(raw, dict):
+        problems.append(("priors", f"expected a table like {{ within_days = 1095 }}, got {describe_value(raw)}"))
+        return None
+    count_before = len(problems)
+    for key in sorted(set(raw) - set(PRIOR_KEYS)):
+        problems.append((f"priors.{key}", f"unknown key {key!r} (expected one of {', '.join(PRIOR_KEYS)})"))
+    within_days = raw.get("within_days")
+    if within_days is None:
+        problems.append(("priors.within_days", "missing (required): how many days back a prior may be"))
+    elif not (_is_int(within_days) and 1 <= within_days <= MAX_WITHIN_DAYS):
+        problems.append(("priors.within_days", f"expected days 1..{MAX_WITHIN_DAYS}, got {describe_value(within_days)}"))
+    same_modality = raw.get("same_modality", True)
+    if not isinstance(same_modality, bool):
+        problems.append(("priors.same_modality", f"expected true or false, got {describe_value(same_modality)}"))
+    body_part = raw.get("body_part")
+    if body_part is not None and not (isinstance(body_part, str) and body_part.strip() and len(body_part) <= 16):
+        problems.append(("priors.body_part", f"expected a BodyPartExamined value (1..16 characters), "
+                                             f"got {describe_value(body_part)}"))
+    count = raw.get("max", 1)
+    if count != 1 or not _is_int(count):
+        problems.append(("priors.max", f"only 1 is supported (a job compares with one prior), got {describe_value(count)}"))
+    if len(problems) > count_before:
+        return None
+    return PriorSpec(within_days=within_days, same_modality=same_modality,
+                     body_part=body_part.strip() if body_part else None, max=count)
 
 
 def _parse_selector(raw: object, problems: list[tuple[str, str]]) -> SeriesSelector:

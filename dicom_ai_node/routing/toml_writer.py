@@ -29,6 +29,11 @@ def rules_to_toml(rule_set: RuleSet) -> str:
             lines.append(f"quiet_period_s = {_value(rule.quiet_period_s)}")
         if rule.qc_fail is not None:
             lines.append(f"qc_fail = {_value(rule.qc_fail)}")
+        if rule.priors is not None:
+            pairs = ", ".join(f"{key} = {_value(value)}" for key, value in rule.priors.to_data().items())
+            lines.append(f"priors = {{ {pairs} }}")
+        if rule.source is not None:
+            lines.append(f"source = {_value(rule.source)}")
         lines.append(f"when = {_condition(rule.when, 0)}")
         if not rule.series.is_default():
             lines += [

@@ -30,7 +30,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 from scipy import ndimage as ndi
 
-from model_zoo.base import Measurement, ModelOutput, SegmentMask, with_weights
+from model_zoo.base import Measurement, ModelOutput, PriorResult, SegmentMask, with_weights
 
 TARGET_SPACING_MM = 2.5
 HU_LOW, HU_HIGH = -1000.0, 500.0
@@ -197,7 +197,21 @@ def refine_on_input_grid(probability: np.ndarray, pixels: np.ndarray, spacing, v
     return mask, count * voxel_ml, hu_sum / count, 100.0 * low_count / count
 
 
+def same_level(mask: np.ndarray, index: int, other: np.ndarray) -> int | None:
+    """The slice of ``other`` (a lung mask) at the same relative height within the lungs as
+    slice ``index`` of ``mask``: the follow-up and the prior side by side at one anatomic level
+    whatever their fields of view and slice spacings. None when either mask is empty."""
+    here, there = np.flatnonzero(mask.any(axis=(1, 2))), np.flatnonzero(other.any(axis=(1, 2)))
+    if not len(here) or not len(there):
+        return None
+    span = max(int(here[-1] - here[0]), 1)
+    fraction = (index - here[0]) / span
+    return int(round(there[0] + fraction * (there[-1] - there[0])))
+
+
 class LungSegmentation:
+    compares_with_prior = True  # the runner passes a fetched prior volume (rule: priors = {...})
+
     def __init__(self, manifest, device: str | torch.device = "cpu"):
         self.manifest = manifest
         self.device = torch.device(device)
@@ -232,7 +246,17 @@ class LungSegmentation:
         index = tuple(slice(None, None, -1) if axis == 0 and 0 in flips else slice(None) for axis in range(3))
         return rule(probability[index], voxel_ml)[index]
 
-    def predict(self, volume) -> ModelOutput:
+    def predict(self, volume, prior=None) -> ModelOutput:
+        output = self._segment(volume)
+        if prior is not None:
+            earlier = self._segment(prior)
+            mask, prior_mask = output.segments[0].mask, earlier.segments[0].mask
+            key = output.key_slices[0] if output.key_slices else None
+            output.prior = PriorResult(measurements=earlier.measurements, segments=earlier.segments,
+                                       key_slice=same_level(mask, key, prior_mask) if key is not None else None)
+        return output
+
+    def _segment(self, volume) -> ModelOutput:
         pixels = volume.pixels
         probability = self.coarse_probability(pixels, volume.spacing, canonical_flips(volume))
         mask, volume_ml, mean_hu, emphysema = refine_on_input_grid(probability, pixels, volume.spacing,
