@@ -116,3 +116,27 @@ def test_a_claimer_taken_for_dead_cannot_record_over_the_next_attempt(database):
         session.expunge(second_attempt)
     with database.session() as session:
         assert _move(session, second_attempt, JobState.running, state=JobState.encoding)
+
+
+def test_metrics_show_live_processes_worker_devices_and_the_leader(database):
+    from dicom_ai_node.web.metrics import render
+
+    web = cluster.ProcessRecord(database, "host-a/web:8080", "web")
+    gpu = cluster.ProcessRecord(database, "host-g/worker:7", "worker", device="cuda", queues="gpu,any", concurrency=2)
+    cpu = cluster.ProcessRecord(database, "host-c/worker:8", "worker", device="cpu", queues="cpu,any", concurrency=1)
+    gone = cluster.ProcessRecord(database, "host-d/worker:9", "worker", device="cpu", queues="cpu,any", concurrency=4)
+    for record in (web, gpu, cpu, gone):
+        assert record.beat()
+    with database.session() as session:
+        session.execute(update(NodeProcess).where(NodeProcess.name == gone.name)
+                        .values(last_seen_at=utcnow() - timedelta(seconds=cluster.STALE_AFTER_S + 5)))
+    text = render(database).decode()
+    assert 'dicom_ai_node_leader_alive 0.0' in text
+    assert cluster.Leader(database, web.name).renew()
+    text = render(database).decode()
+    assert 'dicom_ai_node_processes{device="",role="web"} 1.0' in text
+    assert 'dicom_ai_node_processes{device="cuda",role="worker"} 1.0' in text
+    assert 'dicom_ai_node_processes{device="cpu",role="worker"} 1.0' in text  # the gone one is not counted
+    assert 'dicom_ai_node_worker_slots{device="cuda"} 2.0' in text
+    assert 'dicom_ai_node_worker_slots{device="cpu"} 1.0' in text
+    assert 'dicom_ai_node_leader_alive 1.0' in text

@@ -73,6 +73,34 @@ class NodeCollector:
             yield queue
             yield from _destinations(session)
             yield from _storage(session, self.storage_dir)
+            yield from _processes(session)
+
+
+def _processes(session):
+    """The node's processes seen alive (cluster.py): by role, workers by device, and the leader."""
+    from dicom_ai_node.cluster import live_processes
+    from dicom_ai_node.db.models import LeaderLease
+
+    alive = live_processes(session)
+    processes = GaugeMetricFamily(f"{PREFIX}_processes", "serve and worker processes seen alive in the last "
+                                  "minute, by role and (workers) device", labels=["role", "device"])
+    slots = GaugeMetricFamily(f"{PREFIX}_worker_slots", "jobs the live workers can run at once, by device "
+                              "(their --concurrency)", labels=["device"])
+    counts: dict[tuple[str, str], int] = {}
+    capacity: dict[str, int] = {}
+    for process in alive:
+        key = (process.role, process.device or "")
+        counts[key] = counts.get(key, 0) + 1
+        if process.role == "worker":
+            capacity[process.device or ""] = capacity.get(process.device or "", 0) + (process.concurrency or 1)
+    for (role, device), count in sorted(counts.items()):
+        processes.add_metric([role, device], count)
+    for device, count in sorted(capacity.items()):
+        slots.add_metric([device], count)
+    leader = session.scalar(select(LeaderLease.holder))
+    yield from (processes, slots)
+    yield GaugeMetricFamily(f"{PREFIX}_leader_alive", "1 while the process holding the leader lease (completion, "
+                            "routing, outbox) is seen alive", value=int(leader in {p.name for p in alive}))
 
 
 def _storage(session, storage_dir: Path | None):
