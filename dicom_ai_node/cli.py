@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     retention.add_parser("run", help="run retention now (audited); the node also runs it daily").add_argument(
         "--dry-run", action="store_true", help="only print what would be freed")
 
+    processes = commands.add_parser("processes", help="the node's serve and worker processes, when each was last "
+                                    "seen, and which one leads (completion, routing, outbox)")
+    processes.add_argument("--check-here", metavar="ROLE", choices=["all", "receiver", "web", "worker"],
+                           help="exit 0 only if a process of ROLE on this host was seen alive in the last "
+                                "minute (a container health check)")
+
     commands.add_parser("db", help="database").add_subparsers(dest="action", required=True).add_parser(
         "upgrade", help="apply migrations")
 
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": _serve, "worker": _worker, "rules": _rules, "studies": _studies, "resend": _resend, "jobs": _jobs,
                "destinations": _destinations, "deliveries": _deliveries,
                "users": _users, "tokens": _tokens, "models": _models, "db": _db,
-               "retention": _retention, "retract": _retract}[args.command]
+               "retention": _retention, "retract": _retract, "processes": _processes}[args.command]
     return handler(args)
 
 
@@ -199,6 +205,39 @@ def _worker(args) -> int:
         return 2
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     return run_worker(config, queues, args.concurrency)
+
+
+def _processes(args) -> int:
+    import socket
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dicom_ai_node import cluster
+    from dicom_ai_node.db.engine import Database
+    from dicom_ai_node.db.models import LeaderLease, NodeProcess, as_utc, utcnow
+
+    if args.check_here:  # read only (no migration from a health check), and any failure is "unhealthy"
+        try:
+            with Database(_config(args).database_url).session() as session:
+                here = [process for process in cluster.live_processes(session)
+                        if process.name.startswith(f"{socket.gethostname()}/{args.check_here}:")]
+        except SQLAlchemyError as error:
+            print(f"cannot read the processes: {type(error).__name__}", file=sys.stderr)
+            return 1
+        print(f"{len(here)} {args.check_here} process(es) alive on this host")
+        return 0 if here else 1
+    with _database(args).session() as session:
+        alive = {process.name for process in cluster.live_processes(session)}
+        leader = session.scalar(select(LeaderLease.holder))
+        rows = session.scalars(select(NodeProcess).order_by(NodeProcess.role, NodeProcess.name)).all()
+        for process in rows:
+            seen = int((utcnow() - as_utc(process.last_seen_at)).total_seconds())
+            details = f" device {process.device} queues {process.queues} x{process.concurrency}" if process.device else ""
+            print(f"{process.name:40} {process.role:8} {'alive' if process.name in alive else 'GONE':5} "
+                  f"seen {seen:>6} s ago{details}{'  (leader)' if process.name == leader else ''}")
+    if not rows:
+        print("no process has registered yet")
+    return 0
 
 
 def _retention(args) -> int:

@@ -163,6 +163,14 @@ timeout_s = 10
         with self.database.session() as session:
             return session.scalar(select(func.count(column)).where(*where))
 
+    def cli_rc(self, *args: str) -> int:
+        return subprocess.run([sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.config), *args],
+                              cwd=self.folder, capture_output=True, timeout=120).returncode
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.config), *args],
+                              cwd=self.folder, capture_output=True, text=True, timeout=120, check=True).stdout
+
     def kill(self, name: str) -> None:
         """SIGKILL the process and its children (a worker's pool) at once, as a host crash would."""
         process = self.processes.pop(name)
@@ -296,6 +304,10 @@ def test_the_scaled_out_node_survives_workers_broker_and_database_going_away(tmp
             roles = sorted(session.scalars(select(NodeProcess.role)))
         assert all(name and "/worker:" in name for name in workers), workers  # run by workers, not the web process
         assert roles == ["receiver", "receiver", "web", "worker", "worker", "worker"]
+        listing = node.cli("processes")
+        assert listing.count(" alive ") == 6 and listing.count("(leader)") == 1 and "/web:" in listing.split(
+            "(leader)")[0].splitlines()[-1]
+        assert node.cli_rc("processes", "--check-here", "worker") == 0  # the compose worker's health check
 
         # 2. a worker killed in the middle of a job: another worker finishes it, once
         gated = make_ct_series(tmp_path / "gated", shape=(40, 96, 96), spacing=(2.5, 3.5, 3.5), seed="gated",
