@@ -96,6 +96,16 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class DicomwebConfig:
+    """[dicomweb]: STOW-RS in (web/stow.py), on the admin web server, for users with an API token."""
+
+    stow_enabled: bool = False  # POST /dicom-web/studies[/{study}]
+    max_part_mb: int = 1024  # one instance (a part); a bigger one fails with A700, the rest go on
+    max_request_mb: int = 16384  # one request; a bigger one is refused with 413
+    request_timeout_s: float = 3600.0  # the whole upload; a slower one is cut off (408)
+
+
+@dataclass(frozen=True)
 class CeleryConfig:
     """[workers] with executor = "celery": jobs go to worker processes through a broker."""
 
@@ -160,6 +170,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     rules: list = field(default_factory=list)  # raw [[rules]] tables, parsed by dicom_ai_node.routing
     web: WebConfig = field(default_factory=WebConfig)
+    dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)  # [dicomweb]
     # [qc] on_fail: what happens to a result that fails its model's quality checks when the
     # routing rule has no qc_fail of its own (hold | send_flagged | drop)
     qc_on_fail: str = "hold"
@@ -241,7 +252,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     read = _Reader(path)
     read.unknown_keys(tree, {"node", "database", "completion", "workers", "models",
-                             "destinations", "rules", "web", "qc", "notify", "retention"}, "")
+                             "destinations", "rules", "web", "qc", "notify", "retention", "dicomweb"}, "")
 
     raw = read.get(tree, "node", "", dict, default={})
     read.unknown_keys(raw, {"ae_title", "host", "port", "storage_dir", "log_level", "log_phi",
@@ -355,6 +366,15 @@ def load_config(path: str | Path) -> Config:
                                "must be > 0"),
     )
 
+    raw = read.get(tree, "dicomweb", "", dict, default={})
+    read.unknown_keys(raw, {"stow_enabled", "max_part_mb", "max_request_mb", "request_timeout_s"}, "dicomweb")
+    dicomweb = DicomwebConfig(
+        stow_enabled=read.get(raw, "stow_enabled", "dicomweb", bool, False),
+        max_part_mb=read.get(raw, "max_part_mb", "dicomweb", int, 1024, lambda v: v >= 1, "must be >= 1"),
+        max_request_mb=read.get(raw, "max_request_mb", "dicomweb", int, 16384, lambda v: v >= 1, "must be >= 1"),
+        request_timeout_s=read.get(raw, "request_timeout_s", "dicomweb", float, 3600.0, lambda v: v > 0,
+                                   "must be > 0"))
+
     raw = read.get(tree, "qc", "", dict, default={})
     read.unknown_keys(raw, {"on_fail"}, "qc")
     qc_on_fail = read.get(raw, "on_fail", "qc", str, "hold", lambda v: v in QC_FAIL_POLICIES,
@@ -382,7 +402,7 @@ def load_config(path: str | Path) -> Config:
     return Config(path=path, node=node, database_url=database_url, quiet_period_s=quiet,
                   workers=workers, executor=executor, model_paths=tuple(model_paths),
                   destinations=tuple(destinations), rules=rules, web=web, qc_on_fail=qc_on_fail,
-                  celery=celery, notify=notify, retention=retention)
+                  celery=celery, notify=notify, retention=retention, dicomweb=dicomweb)
 
 
 DESTINATION_COMMON = {"name", "kind", "max_attempts", "backoff_s", "timeout_s"}

@@ -182,7 +182,8 @@ class Node:
         secret = load_secret(web.session_secret_file or self.config.node.storage_dir / "web-secret.key")
         context = WebContext(config=self.config, database=self.database, rules=self.rules, models=self.models,
                              destinations=self.destinations, secret=secret, submit_job=self.executor.submit,
-                             kick_outbox=self._kick_outbox, ready=self._ready)
+                             kick_outbox=self._kick_outbox, ready=self._ready,
+                             receiver=self.scp if self.receives else None)  # STOW-RS stores through it
         self.web = WebServer(context)
         self.web.start()
 

@@ -27,7 +27,8 @@ class NodeProcess:
                  destination_ae: str = "ORTHANC", rules: str = "", quiet_period_s: float = 1.0,
                  allowed_callers: str = '{ ae_title = "STORESCU" }, { ae_title = "ECHOSCU" }',
                  node_extra: str = "", database_url: str | None = None, max_attempts: int = 3,
-                 backoff_s: float = 0.5, web: bool = False, model_paths: tuple[str | Path, ...] = ()):
+                 backoff_s: float = 0.5, web: bool = False, model_paths: tuple[str | Path, ...] = (),
+                 extra: str = ""):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -69,6 +70,7 @@ quiet_period_s = {quiet_period_s}
 {models_section}
 {destination}
 {rules}
+{extra}
 """)
         self.process: subprocess.Popen | None = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from sqlalchemy import update
@@ -138,9 +139,14 @@ class StorageSCP:
 
     def association_released(self, association: Association) -> None:
         """A normal release is a completion signal (see completion.py): record it."""
-        if association.studies:
+        self.studies_released(association.studies)
+
+    def studies_released(self, studies: set[str]) -> None:
+        """The sender is done with these studies (an association released, a STOW-RS request
+        answered): completion may come after release_grace_s instead of the quiet period."""
+        if studies:
             with self.database.session() as session:
-                session.execute(update(Study).where(Study.study_instance_uid.in_(association.studies))
+                session.execute(update(Study).where(Study.study_instance_uid.in_(studies))
                                 .values(released_at=utcnow()))
 
     # -- C-STORE -----------------------------------------------------------------------
@@ -148,25 +154,35 @@ class StorageSCP:
     def store(self, instance: IncomingInstance, request: Command, transfer_syntax: str,
               calling_ae: str) -> tuple[int, str | None, str | None]:
         """Store and index one received data set: (status, error comment, StudyInstanceUID)."""
+        return self.store_instance(instance, transfer_syntax, Expected(
+            request.affected_sop_instance_uid, request.affected_sop_class_uid, "C-STORE request's Affected"),
+            sender=calling_ae, calling_ae=calling_ae)
+
+    def store_instance(self, instance: IncomingInstance, transfer_syntax: str, expected: Expected, *,
+                       sender: str, calling_ae: str | None, via: str = "C-STORE"
+                       ) -> tuple[int, str | None, str | None]:
+        """The checks, the durable write and the index row shared by C-STORE and STOW-RS
+        (web/stow.py): (status, error comment, StudyInstanceUID). ``sender`` names the peer in
+        logs and notifications; ``calling_ae`` goes into the index row."""
         try:
-            study_uid = self._store(instance, request, transfer_syntax, calling_ae)
+            study_uid = self._store(instance, transfer_syntax, expected, calling_ae)
         except _Refused as refusal:
-            log.warning("refused C-STORE from %s: %s", calling_ae, refusal.reason)
+            log.warning("refused %s from %s: %s", via, sender, refusal.reason)
             return refusal.status, refusal.reason[:64], None
         except DiskFullError as error:
-            log.error("refused C-STORE from %s: %s", calling_ae, error)
-            self.notify("disk_high", reason=str(error), calling_ae=calling_ae, status="A700")
+            log.error("refused %s from %s: %s", via, sender, error)
+            self.notify("disk_high", reason=str(error), calling_ae=sender, status="A700")
             return OUT_OF_RESOURCES, "Out of resources: disk full on the AI node", None
         except StorageError as error:
-            log.error("refused C-STORE from %s: %s", calling_ae, error)
+            log.error("refused %s from %s: %s", via, sender, error)
             return OUT_OF_RESOURCES, "Cannot write the instance on the AI node", None
         except Exception:  # the node must never crash on one bad instance
-            log.exception("unexpected error storing an instance from %s", calling_ae)
+            log.exception("unexpected error storing an instance from %s", sender)
             return PROCESSING_FAILURE, "Unexpected error on the AI node; see its log", None
         return SUCCESS, None, study_uid
 
-    def _store(self, instance: IncomingInstance, request: Command, transfer_syntax: str,
-               calling_ae: str) -> str:
+    def _store(self, instance: IncomingInstance, transfer_syntax: str, expected: Expected,
+               calling_ae: str | None) -> str:
         if instance.error is not None:
             raise instance.error
         try:
@@ -181,12 +197,14 @@ class StorageSCP:
             raise
         except Exception as error:
             raise _Refused(CANNOT_UNDERSTAND, f"cannot decode the dataset: {error}") from None
-        if sop_uid != request.affected_sop_instance_uid:
+        if sop_uid != expected.sop_instance_uid:
             raise _Refused(DATASET_DOES_NOT_MATCH, "SOPInstanceUID in the dataset differs from the "
-                                                   "C-STORE request's Affected SOP Instance UID")
-        if sop_class != request.affected_sop_class_uid:
+                                                   f"{expected.source} SOP Instance UID")
+        if sop_class != expected.sop_class_uid:
             raise _Refused(DATASET_DOES_NOT_MATCH, "SOPClassUID in the dataset differs from the "
-                                                   "C-STORE request's Affected SOP Class UID")
+                                                   f"{expected.source} SOP Class UID")
+        if expected.study_uid is not None and study_uid != expected.study_uid:
+            raise _Refused(DATASET_DOES_NOT_MATCH, "StudyInstanceUID differs from the study of the request")
         path = self.storage.instance_path(study_uid, series_uid, sop_uid)
         replaced = self.storage.commit_incoming(instance.path, path)
         item = ReceivedInstance(study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
@@ -206,6 +224,17 @@ class StorageSCP:
         log.debug("stored %s (%d bytes, %s) from %s", sop_uid, instance.file_size,
                   "new" if is_new else "resent", calling_ae)
         return study_uid
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the data set must say it is: the C-STORE request's Affected SOP Instance/Class UID,
+    or a STOW-RS part's file meta (and the study of the request's URL, when it names one)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    source: str  # for the refusal: "... differs from the <source> SOP Instance UID"
+    study_uid: str | None = None
 
 
 class _Refused(Exception):

@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
-from dicom_ai_node.web import api, metrics, pages
+from dicom_ai_node.web import api, metrics, pages, stow
 from dicom_ai_node.web.auth import LoginRequired
 from dicom_ai_node.web.context import WebContext
 
@@ -25,6 +25,8 @@ def create_app(context: WebContext) -> FastAPI:
     app.state.context = context
     app.include_router(api.router)
     app.include_router(pages.router)
+    if context.config.dicomweb.stow_enabled:  # STOW-RS in: a second way in beside C-STORE
+        app.include_router(stow.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
     @app.exception_handler(LoginRequired)

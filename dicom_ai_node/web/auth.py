@@ -121,6 +121,8 @@ def api_user(who: Annotated[Principal | None, Depends(principal)]) -> Principal:
     if who is None:
         raise HTTPException(401, "log in or send Authorization: Bearer <token>",
                             headers={"WWW-Authenticate": "Bearer"})
+    if who.role == "sender":  # a PACS's STOW-RS account reads nothing (web/stow.py checks its own)
+        raise HTTPException(403, "the role sender may only store with STOW-RS")
     return who
 
 
@@ -144,6 +146,8 @@ def api_changer(request: Request, who: Annotated[Principal, Depends(api_user)]) 
 def page_user(who: Annotated[Principal | None, Depends(principal)]) -> Principal:
     if who is None:
         raise LoginRequired()
+    if who.role == "sender":
+        raise HTTPException(403, "the role sender may only store with STOW-RS")
     return who
 
 

@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_ai_node.config import Config
 from dicom_ai_node.db.engine import Database
@@ -14,6 +15,9 @@ from dicom_ai_node.deliver.destinations import DestinationStore
 from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.router import RuleStore
 from dicom_ai_node.web.login_limits import LoginLimiter
+
+if TYPE_CHECKING:
+    from dicom_ai_node.receive.scp import StorageSCP
 
 
 @dataclass
@@ -28,6 +32,8 @@ class WebContext:
     kick_outbox: Callable[[], None] = lambda: None  # send re-queued deliveries now
     ready: Callable[[], dict[str, bool]] = field(default=lambda: {"database": True})
     login_limits: LoginLimiter = field(default_factory=LoginLimiter)  # failed logins per user and address
+    # the node's StorageSCP: STOW-RS (web/stow.py) stores through its checks and index writer
+    receiver: StorageSCP | None = None
 
 
 def load_secret(path: Path) -> bytes:

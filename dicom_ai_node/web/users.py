@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from dicom_ai_node import audit
 from dicom_ai_node.db.models import ApiToken, WebSession, WebUser, as_utc, utcnow
 
-ROLES = ("admin", "viewer")
+ROLES = ("admin", "viewer", "sender")  # sender: only STOW-RS (web/stow.py), with a token
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 MIN_PASSWORD = 8
 TOKEN_DAYS_DEFAULT = 90

@@ -22,11 +22,11 @@ Password = Annotated[str, Field(max_length=1024)]
 class NewUser(BaseModel):
     name: UserName
     password: Password
-    role: Literal["admin", "viewer"] = "viewer"
+    role: Literal["admin", "viewer", "sender"] = "viewer"
 
 
 class UserChange(BaseModel):
-    role: Literal["admin", "viewer"] | None = None
+    role: Literal["admin", "viewer", "sender"] | None = None
     disabled: bool | None = Field(None, description="true: its sessions end and its tokens are refused")
 
 
