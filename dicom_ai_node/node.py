@@ -90,6 +90,7 @@ class Node:
     def start(self) -> None:
         if self.leads:
             threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+        self.database.wait_until_reachable()
         self.database.upgrade()  # every role: the first to start migrates (an advisory lock on PostgreSQL)
         self.process.beat()
         self.destinations.seed_from_config(self.config.destinations)

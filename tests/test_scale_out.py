@@ -375,3 +375,43 @@ def test_the_scaled_out_node_survives_workers_broker_and_database_going_away(tmp
         node.check_alive()  # every process reconnected by itself
     finally:
         node.stop()
+
+
+def test_a_node_started_before_its_database_waits_for_it(tmp_path):
+    """compose/systemd may start the node before PostgreSQL accepts connections: it waits
+    (bounded) instead of exiting, and starts once the database is up."""
+    postgres = private_services.PrivatePostgres()
+    port = free_port()
+    (tmp_path / "config.toml").write_text(f"""
+[node]
+port = {port}
+host = "127.0.0.1"
+storage_dir = "storage"
+allow_any_caller = true
+
+[database]
+url = "{postgres.url}"
+
+[web]
+enabled = false
+""")
+    log_path = tmp_path / "node.log"
+    with open(log_path, "wb") as log:
+        node = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "--config", str(tmp_path / "config.toml"),
+                                 "serve"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "database not reachable yet" in log_path.read_text(errors="replace"), timeout=60,
+                 what="the node saying it waits for the database")
+        assert node.poll() is None
+        postgres.start()
+        wait_for(lambda: "node ready" in log_path.read_text(errors="replace"), timeout=120,
+                 what=f"the node ready once PostgreSQL is up\n{log_path.read_text(errors='replace')[-3000:]}")
+        assert node.poll() is None
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=30)
+        postgres.stop()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x44414E4D  # the PostgreSQL advisory lock key held while migrating ("DANM")
@@ -36,12 +41,33 @@ class Database:
                                                                    "timeout": 30})
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+            # pre-ping: a connection cut by a server restart is replaced, not handed out; a connect
+            # timeout: an unreachable server costs 10 s per attempt, not the OS's minutes
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                                        connect_args={"connect_timeout": 10})
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
+
+    def wait_until_reachable(self, deadline_s: float = 120.0) -> None:
+        """At start: a database server that is not up yet (a host booting, a container starting
+        beside ours) is waited for, up to ``deadline_s``, instead of failing the start."""
+        give_up = time.monotonic() + deadline_s
+        wait = 1.0
+        while True:
+            try:
+                with self.engine.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+                return
+            except OperationalError as error:
+                if time.monotonic() + wait > give_up:
+                    raise
+                log.warning("database not reachable yet (%s); trying again in %.0f s",
+                            str(error).splitlines()[0][:200], wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 10.0)
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (run at every start; a no-op when current)."""

@@ -109,6 +109,7 @@ def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> in
     name = process_name("worker")
     record = ProcessRecord(Database(config.database_url), name, "worker", device=device, queues=",".join(queues),
                            concurrency=concurrency)
+    record.database.wait_until_reachable()
     heartbeat = _start_heartbeat(record)
     runners = _ProcessRunner(config, name)
 
