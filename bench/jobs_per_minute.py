@@ -26,18 +26,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy import create_engine, func, select, text
 
-from dicom_ai_node.config import load_config  # noqa: E402
-from dicom_ai_node.db.engine import Database  # noqa: E402
-from dicom_ai_node.db.models import Job, JobState, NodeProcess  # noqa: E402
-from dicom_ai_node.jobs.executor import CeleryExecutor, LocalExecutor  # noqa: E402
-from dicom_ai_node.jobs.runner import JobRunner  # noqa: E402
-from dicom_ai_node.models import ModelRegistry  # noqa: E402
-from dicom_ai_node.storage import Storage  # noqa: E402
-from tests.private_services import PrivatePostgres, PrivateRabbitMQ  # noqa: E402
-from tests.stored import queue_job, store_series  # noqa: E402
-from tests.synthetic import make_ct_series  # noqa: E402
+from dicom_ai_node.config import load_config
+from dicom_ai_node.db.engine import Database
+from dicom_ai_node.db.models import Job, JobState, NodeProcess
+from dicom_ai_node.jobs.executor import CeleryExecutor, LocalExecutor
+from dicom_ai_node.jobs.runner import JobRunner
+from dicom_ai_node.models import ModelRegistry
+from dicom_ai_node.storage import Storage
+from tests.private_services import PrivatePostgres, PrivateRabbitMQ
+from tests.stored import queue_job, store_series
+from tests.synthetic import make_ct_series
 
 REPO = Path(__file__).resolve().parent.parent
 # a chest CT of 120 slices 256 x 256 (2.5 mm, 1.4 mm pixels): big enough that inference dominates
@@ -179,7 +179,7 @@ def main() -> None:
                     run = Run(folder, postgres, rabbitmq, f"bench{number}", 1)
                     run.start_workers(count)
                     manifests = ModelRegistry(run.config.model_paths).manifests
-                    executor = CeleryExecutor(run.config.celery, run.database, lambda name: manifests[name].device)
+                    executor = CeleryExecutor(run.config.celery, run.database, lambda name, manifests=manifests: manifests[name].device)
                     try:
                         per_minute = measure(run, executor, series_cache[:count + args.jobs], model, count)
                     finally:

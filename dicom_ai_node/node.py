@@ -22,15 +22,15 @@ from dicom_ai_node import cluster
 from dicom_ai_node.completion import CHECK_INTERVAL_S, CompletionWatcher
 from dicom_ai_node.config import Config
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import DisabledModel, Study
+from dicom_ai_node.db.models import DisabledModel
 from dicom_ai_node.deliver.destinations import DestinationStore
 from dicom_ai_node.deliver.outbox import Outbox
 from dicom_ai_node.jobs.executor import CeleryExecutor, LocalExecutor
 from dicom_ai_node.jobs.runner import JobRunner, recover_unfinished
+from dicom_ai_node.models import ModelRegistry
+from dicom_ai_node.notify import Notifier, patients_in
 from dicom_ai_node.priors.fetcher import RESUME_INTERVAL_S as PRIOR_RESUME_S
 from dicom_ai_node.priors.fetcher import PriorFetcher
-from dicom_ai_node.models import ModelRegistry
-from dicom_ai_node.notify import Notifier
 from dicom_ai_node.receive.scp import StorageSCP
 from dicom_ai_node.results.warm_up import warm_up
 from dicom_ai_node.retention import CHECK_INTERVAL_S as RETENTION_CHECK_S
@@ -67,7 +67,7 @@ class Node:
         self.rules = RuleStore(self.database)
         self.destinations = DestinationStore(self.database)
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.notifier = Notifier(config.notify, config.node.ae_title, patient_of=self._patient_of)
+        self.notifier = Notifier(config.notify, config.node.ae_title, patient_of=patients_in(self.database))
         self.outbox = Outbox(config, self.database, self.storage, lookup=self.destinations.get,
                              notify=self.notifier.emit)
         self.runner = JobRunner(self.database, self.storage, self.models, on_results=self._kick_outbox,
@@ -214,12 +214,6 @@ class Node:
             raise StartupError(f"rule set version {version} refers to things this node lacks:\n  "
                                + "\n  ".join(problems))
         log.info("rule set version %d active: %d rules", version, len(rule_set.rules))
-
-    def _patient_of(self, study_uid: str) -> dict:
-        # only for [[notify]] targets with include_phi = true
-        with self.database.session() as session:
-            study = session.get(Study, study_uid)
-            return {"patient_name": study.patient_name, "patient_id": study.patient_id} if study else {}
 
     def _kick_outbox(self) -> None:
         # send results now instead of waiting for the next outbox tick (the leader's outbox finds

@@ -55,11 +55,11 @@ class PrivatePostgres:
         command = [str(Path(PG_BIN[-1], args[0])), *args[1:]]
         if os.geteuid() == 0:  # the server refuses to run as root
             command = ["runuser", "-u", "postgres", "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S, check=False)
         if done.returncode:
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
-    def start(self) -> "PrivatePostgres":
+    def start(self) -> PrivatePostgres:
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres")
         if not self.data.exists():
@@ -92,7 +92,7 @@ class PrivateRabbitMQ:
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "PrivateRabbitMQ":
+    def start(self) -> PrivateRabbitMQ:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
         (self.folder / "enabled_plugins").write_text("[].\n")

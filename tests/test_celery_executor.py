@@ -10,6 +10,7 @@ message back (acks_late): a second worker finishes the job, once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from sqlalchemy import select
 
 from dicom_ai_node.config import ConfigError, load_config
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Job, JobState, ResultObject
+from dicom_ai_node.db.models import DisabledModel, Job, JobState, ResultObject
 from dicom_ai_node.jobs.celery_app import queue_for
 from dicom_ai_node.jobs.celery_worker import default_queues
 from dicom_ai_node.jobs.executor import CeleryExecutor
@@ -135,7 +136,7 @@ def vhost():
 class Site:
     """A node's config, database and storage (SQLite file), site models, and its workers."""
 
-    def __init__(self, folder: Path, vhost: str):
+    def __init__(self, folder: Path, vhost: str, extra: str = ""):
         self.folder = folder
         models = folder / "models"
         self._model(models / "ct_body_region_gpu", "ct_body_region_gpu", device="gpu")
@@ -162,6 +163,7 @@ paths = ["models"]
 
 [web]
 enabled = false
+{extra}
 """)
         self.config = load_config(self.config_path)
         self.database = Database(self.config.database_url)
@@ -297,3 +299,33 @@ def test_a_worker_killed_mid_job_hands_the_job_to_another(site, series):
     assert len(list(site.folder.glob("started-*"))) == 2  # the second worker ran the model again
     uids = site.results(job_id)
     assert uids and len(uids) == len(set(uids))
+
+
+def test_a_job_that_fails_on_a_worker_is_notified_from_the_worker(tmp_path, vhost, series):
+    from tests.test_notifications import Receiver
+
+    receiver = Receiver()
+    site = Site(tmp_path, vhost, extra=f"""
+[[notify]]
+kind = "webhook"
+name = "ops"
+url = "{receiver.url}"
+secret = "s3cret"
+events = ["job_failed"]
+""")
+    try:
+        job_id = site.job_for(series[0], "ct_body_region")
+        with site.database.session() as session:  # an admin switched the model off meanwhile
+            session.add(DisabledModel(name="ct_body_region", disabled_by="test"))
+        site.start_worker("cpu,any")
+        site.executor.submit(job_id)
+        site.wait_until(lambda: site.jobs()[job_id].state.finished, "the worker fails the job")
+        assert site.jobs()[job_id].state == JobState.failed
+        site.wait_until(lambda: receiver.requests, "the worker's job_failed notification")
+        (headers, body), = receiver.requests
+        event = json.loads(body)
+        assert event["event"] == "job_failed" and event["details"]["job_id"] == job_id
+        assert "disabled" in event["details"]["reason"]
+    finally:
+        site.stop_workers()
+        receiver.close()

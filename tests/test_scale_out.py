@@ -25,9 +25,22 @@ import pytest
 from sqlalchemy import func, select
 
 from dicom_ai_node.db.engine import Database
-from dicom_ai_node.db.models import Delivery, Instance, Job, JobState, NodeProcess, ResultObject
+from dicom_ai_node.db.models import (
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    NodeProcess,
+    ResultObject,
+)
 from tests import private_services
-from tests.peers import free_port, parse_storescu_output, skip_unless_tools, storescu, wait_for
+from tests.peers import (
+    free_port,
+    parse_storescu_output,
+    skip_unless_tools,
+    storescu,
+    wait_for,
+)
 from tests.synthetic import make_ct_series
 from tests.test_celery_executor import BUNDLED, GATED_MODEL
 
@@ -165,7 +178,7 @@ timeout_s = 10
 
     def cli_rc(self, *args: str) -> int:
         return subprocess.run([sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.config), *args],
-                              cwd=self.folder, capture_output=True, timeout=120).returncode
+                              cwd=self.folder, capture_output=True, timeout=120, check=False).returncode
 
     def cli(self, *args: str) -> str:
         return subprocess.run([sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.config), *args],

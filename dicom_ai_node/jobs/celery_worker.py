@@ -75,6 +75,7 @@ class _ProcessRunner:
         from dicom_ai_node.db.models import DisabledModel
         from dicom_ai_node.jobs.runner import JobRunner
         from dicom_ai_node.models import ModelRegistry
+        from dicom_ai_node.notify import Notifier, patients_in
         from dicom_ai_node.storage import Storage
 
         config = self._config
@@ -87,9 +88,12 @@ class _ProcessRunner:
 
         models.is_disabled = disabled
         storage = Storage(config.node.storage_dir, config.node.min_free_disk_mb * 2**20)
+        # [[notify]] from here too (job failed, result held), with this pool process's own sender thread
+        notifier = Notifier(config.notify, config.node.ae_title, patient_of=patients_in(database))
+        notifier.start()
         # no outbox here: the node's outbox finds the new Delivery rows within a second
         return JobRunner(database, storage, models, default_qc_fail=config.qc_on_fail,
-                         process_name=self._process_name)
+                         process_name=self._process_name, notify=notifier.emit)
 
 
 def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> int:

@@ -5,6 +5,6 @@ it only queues (notifier.py). One sender thread formats each event (message.py) 
 by webhook (webhook.py) or e-mail (email.py).
 """
 
-from dicom_ai_node.notify.notifier import Notifier, ignore
+from dicom_ai_node.notify.notifier import Notifier, ignore, patients_in
 
-__all__ = ["Notifier", "ignore"]
+__all__ = ["Notifier", "ignore", "patients_in"]

@@ -24,6 +24,18 @@ REPEAT_S = {"disk_high": 600.0, "association_refused": 600.0}
 STOP_WAIT_S = 10.0  # the longest stop() waits for a send in progress
 
 
+def patients_in(database) -> Callable[[str], dict]:
+    """The ``patient_of`` lookup for include_phi targets: a study UID's patient name and ID."""
+    from dicom_ai_node.db.models import Study
+
+    def patient_of(study_uid: str) -> dict:
+        with database.session() as session:
+            study = session.get(Study, study_uid)
+            return {"patient_name": study.patient_name, "patient_id": study.patient_id} if study else {}
+
+    return patient_of
+
+
 def ignore(event: str, **fields) -> None:
     """The emit of a part that runs without a notifier (tests, worker processes)."""
 
