@@ -5,6 +5,7 @@ highdicom). tests/test_priors_end_to_end.py runs the same against Orthanc."""
 from __future__ import annotations
 
 import tomllib
+from datetime import timedelta
 
 import highdicom as hd
 import numpy as np
@@ -123,12 +124,21 @@ def test_a_study_fetched_as_a_prior_is_not_routed_and_a_job_waits_for_its_fetch(
         fetch = session.query(PriorFetch).one()
         assert (fetch.job_id, fetch.state, fetch.source) == (job_id, "pending", "pacs")
         fetch.prior_study_instance_uid = prior.study_instance_uid  # what the fetcher records before its C-MOVE
+        arrived = session.get(Study, prior.study_instance_uid).first_received_at
+        fetch.created_at = arrived + timedelta(seconds=1)  # the prior was here before the fetch: routed
 
     runner = JobRunner(database, storage, models=None)
     assert runner.claim(job_id) is None  # not while its fetch runs
     with database.session() as session:
         assert session.get(Job, job_id).state == JobState.queued
 
+    (own_job,) = router.route(prior.study_instance_uid)  # it was not fetched: it gets its own results
+    with database.session() as session:  # as if it had not arrived yet
+        session.get(Study, prior.study_instance_uid).state = "receiving"
+        session.query(PriorFetch).filter_by(job_id=own_job).delete()
+        session.query(Job).filter_by(id=own_job).delete()
+        session.query(RoutingDecision).filter_by(study_instance_uid=prior.study_instance_uid).delete()
+        session.query(PriorFetch).one().created_at = arrived - timedelta(seconds=1)  # it came by the C-MOVE
     assert router.route(prior.study_instance_uid) == []
     with database.session() as session:
         assert session.get(Study, prior.study_instance_uid).state == "complete"

@@ -56,8 +56,11 @@ def add_fetch(session: Session, job: Job, spec: PriorSpec, source: str) -> Prior
 
 
 def is_fetched_prior(session: Session, study_uid: str) -> bool:
-    """Whether the study came in (or was chosen) as some job's prior: it gets no results of its own."""
-    return bool(session.scalar(select(exists().where(PriorFetch.prior_study_instance_uid == study_uid))))
+    """Whether the study came in as some job's prior: it gets no results of its own. A study that
+    was on the node before the fetch began (sent by a scanner, say) was not fetched: it is routed."""
+    return bool(session.scalar(select(exists().where(
+        PriorFetch.prior_study_instance_uid == study_uid, Study.study_instance_uid == study_uid,
+        PriorFetch.created_at <= Study.first_received_at))))
 
 
 def fetches_json(session: Session, study_uid: str) -> list[dict]:
