@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install dicom-ai-node as a systemd service on a Debian 12 / Ubuntu host. Safe to run again:
-# what exists is kept (the user, the venv, an edited config); the code and the unit are updated.
+# what exists is kept (the user, the venv, an edited config); the code and the units are updated.
 #
 #   sudo deploy/install.sh            then edit /etc/dicom-ai-node/config.toml and
 #   sudo systemctl enable --now dicom-ai-node
@@ -13,6 +13,9 @@
 #                                     storage and the SQLite index under /var/lib/dicom-ai-node
 #   /var/lib/dicom-ai-node            dicomai 0750 (the unit's StateDirectory)
 #   /etc/systemd/system/dicom-ai-node.service
+#   /etc/systemd/system/dicom-ai-node-worker.service   installed, not enabled: only with
+#                                     [workers] executor = "celery" (README "Scaling out"), then
+#                                     systemctl enable --now dicom-ai-node-worker
 #
 # Options:
 #   --root DIR   install under DIR instead of / (the user goes into DIR/etc/passwd, which must
@@ -43,7 +46,7 @@ PREFIX=/opt/dicom-ai-node
 VENV=$PREFIX/venv
 CONFIG_DIR=/etc/dicom-ai-node
 STATE_DIR=/var/lib/dicom-ai-node
-UNIT=dicom-ai-node.service
+UNITS=(dicom-ai-node.service dicom-ai-node-worker.service)
 
 say() { echo "==> $*"; }
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -118,10 +121,13 @@ else
     say "--no-pip: nothing installed into $VENV"
 fi
 
-# 5. the unit
+# 5. the units (neither is enabled here; the worker only runs with the Celery executor)
 install -d -m 0755 "$ROOT/etc/systemd/system"
-install -m 0644 "$SOURCE/deploy/systemd/$UNIT" "$ROOT/etc/systemd/system/$UNIT"
+for unit in "${UNITS[@]}"; do
+    install -m 0644 "$SOURCE/deploy/systemd/$unit" "$ROOT/etc/systemd/system/$unit"
+done
 if [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 say "installed. Edit $CONFIG_DIR/config.toml (callers, PACS, rules), then: systemctl enable --now dicom-ai-node"
+say "with [workers] executor = \"celery\" also: systemctl enable --now dicom-ai-node-worker"
