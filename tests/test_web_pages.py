@@ -128,3 +128,18 @@ def test_result_download_and_logout(web):
     assert admin.get("/results/999/file").status_code == 404
     assert admin.post("/logout", data={"csrf_token": csrf_of(admin)}).status_code == 303
     assert admin.get("/").status_code == 303  # the session is gone on the server too
+
+
+def test_models_page_lists_the_processes_with_worker_devices_and_the_leader(web):
+    from dicom_ai_node import cluster
+
+    cluster.ProcessRecord(web.database, "gpu-host/worker:41", "worker", device="cuda", queues="gpu,any",
+                          concurrency=2).beat()
+    cluster.ProcessRecord(web.database, "node-host/web:8080", "web").beat()
+    assert cluster.Leader(web.database, "node-host/web:8080").renew()
+    page = web.login().get("/models").text
+    section = page.split("<h2>Processes</h2>")[1]
+    worker_row = section.split("gpu-host/worker:41")[1].split("</tr>")[0]
+    assert "cuda" in worker_row and "gpu,any" in worker_row and ">2<" in worker_row and "alive" in worker_row
+    web_row = section.split("node-host/web:8080")[1].split("</tr>")[0]
+    assert "leader" in web_row and "leader" not in worker_row

@@ -461,8 +461,21 @@ def models_page(request: Request, ctx: Context, user: PageUser, page: PageNumber
         recalled = {name: {"version": version, "jobs": retraction.delivered_results_of(
                         session, name, version, limit=RECALL_PAGE, offset=page * RECALL_PAGE)}
                     for name, version in retraction.recalls(session).items()}
+        processes = _processes(session)
     return render(request, "models.html", user, models=rows, problems=ctx.models.problems, recalled=recalled,
-                  page=page, page_size=RECALL_PAGE, max_reason=retraction.MAX_REASON)
+                  page=page, page_size=RECALL_PAGE, max_reason=retraction.MAX_REASON, processes=processes)
+
+
+def _processes(session) -> list[dict]:
+    """Where jobs run: the node's processes (cluster.py), workers with their device and queues."""
+    from dicom_ai_node import cluster
+    from dicom_ai_node.db.models import LeaderLease, NodeProcess
+
+    alive = {process.name for process in cluster.live_processes(session)}
+    leader = session.scalar(select(LeaderLease.holder))
+    rows = session.scalars(select(NodeProcess).order_by(NodeProcess.role, NodeProcess.name).limit(200)).all()
+    return [{"name": p.name, "role": p.role, "device": p.device, "queues": p.queues, "concurrency": p.concurrency,
+             "last_seen_at": p.last_seen_at, "alive": p.name in alive, "leader": p.name == leader} for p in rows]
 
 
 # ---- retraction (jobs/retraction.py): one job from the study page, a recalled version's in bulk
