@@ -1,6 +1,7 @@
 """The scaled-out form with the real parts (issue 11 §3): separate processes started with the
-command lines of deploy/compose.yaml — two receivers on two ports (``serve --role receiver``),
-one web/duties process (``serve --role web``), three Celery workers (``worker``) — around a
+command lines of README "Scaling out" (deploy/compose.yaml runs the same worker command beside one
+``serve --role all``) — two receivers on two ports (``serve --role receiver``), one web/duties
+process (``serve --role web``), three Celery workers (``worker``) — around a
 PostgreSQL server and a RabbitMQ node of the test's own (tests/private_services.py, so they can
 be restarted), shared storage by path, Orthanc as the PACS and dcmtk's storescu as the scanners.
 
