@@ -64,7 +64,9 @@ def test_admin_adds_disables_enables_and_deletes_a_user_through_the_api(web, adm
     assert admin.post("/api/users", json={"name": "bob", "password": PASSWORD}).status_code == 409
     assert admin.post("/api/users", json={"name": "eve", "password": "short"}).status_code == 422
     bob_session = login(web, "bob")
-    bob_token = admin.post("/api/tokens", json={"user": "bob", "label": "bob's script"}).json()["token"]
+    alice = login(web, "alice")  # tokens are made from a login, not by another token
+    bob_token = alice.post("/api/tokens", json={"user": "bob", "label": "bob's script"},
+                           headers={"X-CSRF-Token": csrf_of(alice, "/")}).json()["token"]
     bob = web.client(bob_token)
     assert bob.get("/api/studies").status_code == 200 and bob_session.get("/").status_code == 200
 
@@ -149,7 +151,12 @@ def test_password_changes(web, admin):
 
 def test_tokens_listed_revoked_and_expired(web, admin):
     viewer = web.client(web.viewer_token)
-    created = viewer.post("/api/tokens", json={"label": "mine", "days": 7})
+    # a token cannot make tokens (a leaked one would renew itself past any expiry); a login can
+    refused = viewer.post("/api/tokens", json={"label": "mine", "days": 7})
+    assert refused.status_code == 403 and "cannot create tokens" in refused.json()["detail"]
+    session = login(web, "victor")
+    with_csrf = {"X-CSRF-Token": csrf_of(session, "/")}
+    created = session.post("/api/tokens", json={"label": "mine", "days": 7}, headers=with_csrf)
     assert created.status_code == 201
     new = created.json()
     assert new["token"].startswith(new["prefix"]) and new["user"] == "victor"
@@ -161,8 +168,8 @@ def test_tokens_listed_revoked_and_expired(web, admin):
     assert {t["user"] for t in admin.get("/api/tokens").json()} == {"alice", "victor"}
     assert [t["user"] for t in admin.get("/api/tokens", params={"user": "alice"}).json()] == ["alice"]
 
-    assert viewer.post("/api/tokens", json={"user": "alice"}).status_code == 403
-    assert viewer.post("/api/tokens", json={"days": users.TOKEN_DAYS_MAX + 1}).status_code == 422
+    assert "admin role" in session.post("/api/tokens", json={"user": "alice"}, headers=with_csrf).json()["detail"]
+    assert session.post("/api/tokens", json={"days": users.TOKEN_DAYS_MAX + 1}, headers=with_csrf).status_code == 422
     alice_token_id = admin.get("/api/tokens", params={"user": "alice"}).json()[0]["id"]
     assert viewer.delete(f"/api/tokens/{alice_token_id}").status_code == 404  # not theirs
     assert web.client(new["token"]).get("/api/studies").status_code == 200

@@ -114,6 +114,8 @@ def list_tokens(ctx: Context, who: Changer, user: Annotated[str | None, Query(ma
 
 @router.post("/tokens", status_code=201, responses=ERRORS, summary="Create an API token (shown once)")
 def create_token(ctx: Context, who: Changer, body: NewToken) -> CreatedToken:
+    if who.via == "token":  # else a leaked token could renew itself forever, past any expiry
+        raise HTTPException(403, "a token cannot create tokens: log in (page or API session) or use the CLI")
     owner = body.user or who.name
     if owner != who.name and not who.is_admin:
         raise HTTPException(403, "this needs the admin role (you are a viewer)")
