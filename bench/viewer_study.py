@@ -13,6 +13,11 @@ series + noise measurements in a uniform region). --qc-fail: the rule's policy f
 that fails the model's quality checks; e.g. `--slices 16 --size 64 --spacing 0.6 3.5 3.5
 --qc-fail send_flagged` sends a 9.6 mm slab of chest whose ~57 mL of lung is below lung_ct_seg's
 plausible volume, so its results arrive flagged "QC FAILED".
+
+--with-prior: a follow-up study (issue 12 §4). A prior CT of the same patient, a year
+earlier and with larger voxels, is put into Orthanc first; the rule asks for priors with
+Orthanc as the source, so the node C-FINDs and C-MOVEs it and the SR reports the change.
+Only the follow-up study (its images and results) is written to OUT.
 """
 
 from __future__ import annotations
@@ -24,18 +29,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.node_process import NODE_AE, NodeProcess  # noqa: E402
-from tests.peers import OrthancPeer, free_port, storescu, storescu_failures, wait_for  # noqa: E402
-from tests.synthetic import make_ct_series  # noqa: E402
+from pydicom import dcmread
 
+from tests.node_process import NODE_AE, NodeProcess
+from tests.peers import OrthancPeer, free_port, storescu, storescu_failures, wait_for
+from tests.synthetic import make_ct_series
 
 RUNNING = ("queued", "running", "encoding", "delivering")
 
 
-def rule(model: str, qc_fail: str | None) -> str:
+PATIENT = "VIEWER-CHECK-PATIENT"
+PRIORS = 'priors = { same_modality = true, within_days = 1095, max = 1 }\nsource = "pacs"\n'
+CALLERS = '{ ae_title = "STORESCU" }, { ae_title = "ECHOSCU" }, { ae_title = "ORTHANC" }'
+
+
+def rule(model: str, qc_fail: str | None, with_prior: bool) -> str:
     policy = f'qc_fail = "{qc_fail}"\n' if qc_fail else ""
+    priors = PRIORS if with_prior else ""
     return (f'[[rules]]\nname = "viewer-check"\npriority = 10\nmodels = ["{model}"]\ndestinations = ["pacs"]\n'
-            f'{policy}when = {{ all = [ {{ tag = "Modality", equals = "CT" }} ] }}\n')
+            f'{policy}{priors}when = {{ all = [ {{ tag = "Modality", equals = "CT" }} ] }}\n')
+
+
+def put_prior(orthanc: OrthancPeer, folder: Path, args) -> None:
+    """The patient's earlier CT, only in the PACS: a year before the phantom's 20240115, 10 % larger pixels."""
+    spacing = (args.spacing[0], args.spacing[1] * 1.1, args.spacing[2] * 1.1)
+    prior = make_ct_series(folder, shape=(args.slices, args.size, args.size), spacing=spacing,
+                           seed="viewer-check-prior", patient_id=PATIENT)
+    for path in prior.paths:
+        ds = dcmread(path)
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = "20230110"
+        ds.save_as(path, enforce_file_format=True)
+        orthanc.upload(path)
 
 
 def main() -> None:
@@ -47,6 +71,7 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, nargs=3, default=(2.5, 2.5, 2.5))
     parser.add_argument("--qc-fail", choices=("hold", "send_flagged", "drop"))
     parser.add_argument("--case", help="a real chest CT case (model_zoo/lung_ct_seg/data.py CASES)")
+    parser.add_argument("--with-prior", action="store_true", help="a follow-up whose prior is only in Orthanc")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
@@ -57,10 +82,13 @@ def main() -> None:
             series = make_ct_series(Path(workdir) / "ct", spacing=spacing, pixels=pixels, seed=args.case)
         else:
             series = make_ct_series(Path(workdir) / "ct", shape=(args.slices, args.size, args.size),
-                                    spacing=tuple(args.spacing), seed="viewer-check")
+                                    spacing=tuple(args.spacing), seed="viewer-check", patient_id=PATIENT)
         orthanc = OrthancPeer(workdir=Path(workdir) / "orthanc", node_port=free_port()).start()
+        if args.with_prior:
+            put_prior(orthanc, Path(workdir) / "prior", args)
         node = NodeProcess(Path(workdir) / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
-                           rules=rule(args.model, args.qc_fail), quiet_period_s=5.0).start()
+                           rules=rule(args.model, args.qc_fail, args.with_prior), quiet_period_s=5.0,
+                           allowed_callers=CALLERS).start()
         try:
             failures = storescu_failures(storescu("127.0.0.1", node.port, Path(workdir) / "ct", NODE_AE))
             if failures:
@@ -70,8 +98,11 @@ def main() -> None:
                 return jobs if jobs and all(job["state"] not in RUNNING for job in jobs) else None
 
             jobs = wait_for(finished_jobs, timeout=600, interval=1.0, what=f"the {args.model} job finished")
-            print(", ".join(f"job {job['id']}: {job['state']}" for job in jobs))
-            for number, orthanc_id in enumerate(orthanc.instances()):  # the results
+            print(", ".join(f"job {job['id']}: {job['state']} ({job.get('prior') or 'no prior asked'})"
+                            for job in jobs))
+            results = [i for i in orthanc.instances()  # of this study only (not the prior)
+                       if orthanc.instance_tags(i).get("StudyInstanceUID") == series.study_instance_uid]
+            for number, orthanc_id in enumerate(results):
                 (args.out / f"result-{number:04d}.dcm").write_bytes(orthanc.instance_file(orthanc_id))
             for path in series.paths:  # the source images, as the scanner sent them
                 (args.out / f"source-{path.name}").write_bytes(path.read_bytes())

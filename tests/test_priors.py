@@ -202,6 +202,18 @@ def test_sr_and_key_image_with_a_prior_report_both_studies_and_the_change(tmp_pa
     assert values["CHG-118565006"] == pytest.approx(now.measurements[0].value - then.measurements[0].value, abs=1e-5)
     assert values["CHG-LAA950"] == pytest.approx(0.5)
     assert earlier.tracking_identifier == current.tracking_identifier
+    # each change right after its measurement (OHIF lists a group's first lines only), each study
+    # named by its Time Point, no Time Point Order (OHIF would list it as a measurement) and no
+    # label on the prior's group (OHIF merges one tracking UID's groups: it would head this
+    # study's values with "Lungs (prior ...)")
+    order = [str(item.ConceptNameCodeSequence[0].CodeValue) for item in current[0].ContentSequence
+             if item.ValueType == "NUM"]
+    assert order[:2] == ["118565006", "CHG-118565006"] and order.index("CHG-LAA950") == order.index("LAA950") + 1
+    time_points = {str(item.TextValue) for group in (current, earlier) for item in group[0].ContentSequence
+                   if item.ConceptNameCodeSequence[0].CodeMeaning == "Time Point"}
+    assert time_points == {"current 20240115", "prior 20230110"}
+    assert not [item for group in (current, earlier) for item in group[0].ContentSequence
+                if item.ConceptNameCodeSequence[0].CodeMeaning in ("Time Point Order", "Comment")]
     assert sr.PertinentOtherEvidenceSequence[0].StudyInstanceUID == then.series.study_instance_uid
     seg = dcmread(tmp_path / "0-seg.dcm")
     assert seg.SegmentSequence[0].TrackingUID == current.tracking_uid

@@ -133,12 +133,12 @@ def build_measurement_report(
                 finding_type=spec.type.to_highdicom(),
                 finding_category=spec.category.to_highdicom(),
                 algorithm_id=algorithm,
-                measurements=[_measurement(m, manifest) for m in output.measurements if m.segment == segment.name]
-                + (_changes(output.measurements, earlier[0], segment.name, manifest) if earlier else []),
+                measurements=_with_changes([m for m in output.measurements if m.segment == segment.name],
+                                           earlier[0] if earlier else [], manifest),
                 time_point_context=_time_point(volume, "current") if prior is not None else None,
             ))
             if earlier:
-                groups.append(_prior_group(uid, spec, segment.name, earlier, prior, manifest, algorithm, qc_mark))
+                groups.append(_prior_group(uid, spec, earlier, prior, manifest, algorithm))
 
     for finding in output.findings:
         spec = manifest.finding(finding.name)
@@ -231,18 +231,20 @@ def _outline_group(uid: str, label: str, anchor: Anchor, algorithm,
                            **items)
 
 
-def _anchored_group(uid: str, identifier: str, label: str, anchor: Anchor, measurements: list[hd.sr.Measurement],
-                    algorithm, **items) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _anchored_group(uid: str, identifier: str, label: str | None, anchor: Anchor,
+                    measurements: list[hd.sr.Measurement], algorithm, **items
+                    ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group drawn on ``anchor``: its first measurement is INFERRED FROM it (and has no
-    other child); ``label`` is the group's Comment, the label OHIF shows."""
+    other child); ``label`` is the group's Comment, the label OHIF shows (None: no Comment)."""
     first, *others = measurements
     first = hd.sr.Measurement(name=first.name, value=first.value, unit=first.unit,
                               referenced_coordinates=[anchor.coordinates()])
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=uid, identifier=identifier),
         algorithm_id=algorithm, measurements=[first, *others], **items)
-    group[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=codes.DCM.Comment, value=label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    if label is not None:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
 
 
@@ -452,38 +454,42 @@ def _prior_of(result: PriorResult | None, prior, segment_name: str):
     return (measured, masks[0] if masks else None, result.key_slice) if measured else None
 
 
-def _changes(current: list[Measurement], earlier: list[Measurement], segment_name: str,
-             manifest: Manifest) -> list[hd.sr.Measurement]:
-    """This study's value minus the prior's, per measurement both have (private concept naming
-    the measured quantity: DICOM has no code for "change since prior" of each)."""
+def _with_changes(current: list[Measurement], earlier: list[Measurement],
+                  manifest: Manifest) -> list[hd.sr.Measurement]:
+    """The segment's measurements, each followed by its change since the prior when the prior
+    has it (private concept naming the measured quantity: DICOM has no code for "change since
+    prior" of each). Side by side because OHIF's SR viewport lists only a group's first lines:
+    "Volume", then "Change since prior: Volume"."""
     before = {m.name: m.value for m in earlier}
-    changes = []
+    items = []
     for m in current:
-        if m.segment != segment_name or m.name not in before:
+        items.append(_measurement(m, manifest))
+        if m.name not in before:
             continue
         spec = manifest.measurement(m.name)
         concept = hd.sr.CodedConcept(f"CHG-{spec.concept.value}"[:16], PRIVATE_SCHEME,
                                      f"Change since prior: {spec.concept.meaning}"[:64])
-        changes.append(hd.sr.Measurement(name=concept, value=round(float(m.value) - float(before[m.name]), 6),
-                                         unit=spec.unit.to_highdicom()))
-    return changes
+        items.append(hd.sr.Measurement(name=concept, value=round(float(m.value) - float(before[m.name]), 6),
+                                       unit=spec.unit.to_highdicom()))
+    return items
 
 
 def _time_point(volume: Volume, which: str, study_date: str | None = None) -> hd.sr.TimePointContext:
+    # no Time Point Order (optional in TID 1502): OHIF lists it among the measurements, as "2.00 1"
     date = study_date or str(volume.attributes.get("StudyDate") or "")
-    return hd.sr.TimePointContext(time_point=f"{which} {date}".strip()[:64],
-                                  time_point_order=2 if which == "current" else 1)
+    return hd.sr.TimePointContext(time_point=f"{which} {date}".strip()[:64])
 
 
-def _prior_group(uid: str, spec, segment_name: str, earlier, prior, manifest: Manifest, algorithm,
-                 qc_mark: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _prior_group(uid: str, spec, earlier, prior, manifest: Manifest, algorithm
+                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The prior's measurements of the segment: same tracking UID and identifier as the current
     group, the first drawn (outline) on the prior's image at the level of the current key slice."""
     measured, mask, key_slice = earlier
     key = [key_slice] if key_slice is not None else []
     (anchor,) = _anchors(mask, prior.volume, key) if mask is not None else [_whole_slice(prior.volume, [])]
-    label = f"{spec.label} (prior {prior.study_date or ''})".strip() + qc_mark
-    group = _anchored_group(uid, spec.label[:64], label, anchor, [_measurement(m, manifest) for m in measured],
+    # No label (Comment): OHIF merges the groups of one tracking UID and would show "Lungs
+    # (prior DATE)" above this study's values; the Time Point Context says which study it is.
+    group = _anchored_group(uid, spec.label[:64], None, anchor, [_measurement(m, manifest) for m in measured],
                             algorithm, finding_type=spec.type.to_highdicom(),
                             finding_category=spec.category.to_highdicom(),
                             time_point_context=_time_point(prior.volume, "prior", prior.study_date))
