@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import case, delete, func, select
 
-from dicom_ai_node import audit
+from dicom_ai_node import audit, retired
 from dicom_ai_node.config import RetentionConfig
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import (
@@ -238,7 +238,7 @@ class Retention:
         if (study.uid, "instances") in run.done:
             return
         run.done.add((study.uid, "instances"))
-        query = (select(Instance.sop_instance_uid, Instance.path, Instance.size_bytes)
+        query = (select(Instance.sop_instance_uid, Instance.path, Instance.size_bytes, Series.is_result)
                  .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
                  .where(Series.study_instance_uid == study.uid).order_by(Instance.sop_instance_uid))
         offset = 0
@@ -253,9 +253,12 @@ class Retention:
                 if run.report.dry_run:
                     offset += len(batch)
                 else:
-                    for _uid, path, _size in batch:
+                    for _uid, path, _size, _is_result in batch:
                         self.storage.remove(path)
                     session.execute(delete(Instance).where(Instance.sop_instance_uid.in_([b[0] for b in batch])))
+                    received = [b for b in batch if not b[3]]  # what /metrics counts as received
+                    retired.add(session, retired.INSTANCES_RECEIVED, len(received))
+                    retired.add(session, retired.RECEIVED_BYTES, sum(b[2] or 0 for b in received))
                     session.commit()
             run.budget -= len(batch)
             size = sum(b[2] or 0 for b in batch)
@@ -290,6 +293,8 @@ class Retention:
                     for _id, path, _job in batch:
                         self.storage.remove(path)
                     ids = [b[0] for b in batch]
+                    retired.add(session, retired.DELIVERY_FAILURES, session.scalar(
+                        select(func.count()).where(Delivery.result_id.in_(ids), Delivery.state == "failed")))
                     session.execute(delete(Delivery).where(Delivery.result_id.in_(ids)))
                     session.execute(delete(ResultObject).where(ResultObject.id.in_(ids)))
                     session.commit()
@@ -318,6 +323,7 @@ class Retention:
             if has_files:
                 return
             jobs = select(Job.id).where(Job.study_instance_uid == study.uid)
+            self._retire_counts(session, study.uid, jobs)
             session.execute(delete(QualityCheck).where(QualityCheck.job_id.in_(jobs)))
             session.execute(delete(Retraction).where(Retraction.job_id.in_(jobs)))  # its KOS went with the results
             session.execute(delete(Job).where(Job.study_instance_uid == study.uid))
@@ -326,6 +332,18 @@ class Retention:
             session.execute(delete(Study).where(Study.study_instance_uid == study.uid))
             session.commit()
         run.report.studies_forgotten += 1
+
+    @staticmethod
+    def _retire_counts(session, study_uid: str, jobs) -> None:
+        """What /metrics counts of the rows about to go (retired.py): its counters stay put."""
+        completed = session.scalar(select(func.count()).where(Study.study_instance_uid == study_uid,
+                                                              Study.completed_at.is_not(None)))
+        retired.add(session, retired.STUDIES_COMPLETED, completed)
+        checks = session.execute(select(Job.model_name, QualityCheck.passed, func.count())
+                                 .join(Job, Job.id == QualityCheck.job_id).where(QualityCheck.job_id.in_(jobs))
+                                 .group_by(Job.model_name, QualityCheck.passed)).all()
+        for model, passed, count in checks:
+            retired.add(session, retired.QC_CHECKS, count, f"{model}|{'pass' if passed else 'fail'}")
 
     # ---- disk and record
 

@@ -120,3 +120,22 @@ def test_concurrent_release_and_reject_change_a_held_job_once(postgres_url, tmp_
     database = Database(postgres_url)
     check_concurrent_reviews(database, tmp_path / "storage")
     database.dispose()
+
+
+def test_retired_counts_add_up_on_postgresql(postgres_url):
+    """retired.add is an upsert (INSERT ... ON CONFLICT DO UPDATE) in PostgreSQL's dialect too."""
+    from dicom_ai_node import retired
+
+    database = Database(postgres_url)
+    database.upgrade()
+    with database.session() as session:
+        retired.add(session, retired.INSTANCES_RECEIVED, 3)
+        retired.add(session, retired.QC_CHECKS, 2, "m|pass")
+        session.commit()
+    with database.session() as session:
+        retired.add(session, retired.INSTANCES_RECEIVED, 4)
+        retired.add(session, retired.QC_CHECKS, 0, "m|fail")  # nothing to add: no row
+        session.commit()
+    with database.session() as session:
+        assert retired.totals(session) == {(retired.INSTANCES_RECEIVED, ""): 7, (retired.QC_CHECKS, "m|pass"): 2}
+    database.engine.dispose()

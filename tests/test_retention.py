@@ -15,6 +15,7 @@ from dicom_ai_node.db.models import (
     Instance,
     Job,
     JobState,
+    QualityCheck,
     ResultObject,
     Series,
     Study,
@@ -239,6 +240,41 @@ def test_metrics_show_disk_use_and_stored_bytes(database, storage):
     for name in ("storage_disk_total_bytes", "storage_disk_used_bytes", "storage_disk_free_bytes"):
         assert f"dicom_ai_node_{name} " in text
     assert f"dicom_ai_node_stored_instance_bytes {float(2 * SIZE)}" in text
+
+
+def metric_values(database, storage) -> dict[str, float]:
+    """Every sample of /metrics: 'name{labels}' -> value."""
+    text = metrics.render(database, storage.root).decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_counters_in_metrics_never_go_down_when_retention_deletes_their_rows(database, storage):
+    studies = scenario(database, storage)
+    with database.session() as session:  # QC checks of two jobs whose rows retention will delete
+        for name, passed in (("old_done", True), ("failed", False)):
+            job = session.scalars(select(Job).where(Job.study_instance_uid == studies[name])).one()
+            session.add(QualityCheck(job_id=job.id, name="lung volume", value=1.0, unit="mL", passed=passed,
+                                        message="ok" if passed else "too small"))
+        session.commit()
+    counters = ("dicom_ai_node_instances_received_total", "dicom_ai_node_received_bytes_total",
+                "dicom_ai_node_studies_completed_total", "dicom_ai_node_delivery_failures_total",
+                'dicom_ai_node_qc_checks_total{model="m",outcome="pass"}',
+                'dicom_ai_node_qc_checks_total{model="m",outcome="fail"}')
+    before = metric_values(database, storage)
+    assert [before[name] for name in counters] == [18, 18 * SIZE, 9, 1, 1, 1]
+
+    report = retention(database, storage, failed_days=60).run()
+    assert report.studies_forgotten == 2 and report.instances == 8  # old_done and failed: rows and all
+    after = metric_values(database, storage)
+    assert [after[name] for name in counters] == [before[name] for name in counters]
+    assert after["dicom_ai_node_stored_instance_bytes"] == 10 * SIZE  # the gauge does go down
+    # and they go on counting from there
+    add_study(database, storage, 20, 1)
+    assert metric_values(database, storage)["dicom_ai_node_instances_received_total"] == 20
+    again = retention(database, storage, failed_days=60).run()
+    assert again.instances == 0
+    assert metric_values(database, storage)["dicom_ai_node_instances_received_total"] == 20
 
 
 def test_retention_config(tmp_path):

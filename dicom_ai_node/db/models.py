@@ -403,3 +403,14 @@ class PriorFetch(Base):
 
 
 PRIOR_FETCH_FINISHED = ("done", "not_found", "failed")
+
+
+class RetiredCount(Base):
+    """What retention deleted of the rows /metrics counts (migration 0011): a Prometheus counter
+    is the rows still here plus these, so it never goes down (dicom_ai_node/retired.py)."""
+
+    __tablename__ = "retired_count"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)  # e.g. "instances_received"
+    labels: Mapped[str] = mapped_column(String(200), primary_key=True, default="")  # e.g. "lung_ct_seg|pass"
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 
+from dicom_ai_node import retired
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import Delivery, DestinationRow, Instance, Job, JobState, QualityCheck, Series, Study
 from dicom_ai_node.deliver.destinations import delivery_counts
@@ -29,17 +30,18 @@ class NodeCollector:
 
     def collect(self):
         with self.database.session() as session:
+            gone = retired.totals(session)  # counted rows that retention deleted: counters never go down
             count, size = session.execute(
                 select(func.count(Instance.sop_instance_uid), func.coalesce(func.sum(Instance.size_bytes), 0))
                 .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
                 .where(Series.is_result.is_(False))).one()
             yield CounterMetricFamily(f"{PREFIX}_instances_received", "DICOM instances received and stored",
-                                      value=count)
+                                      value=count + gone.get((retired.INSTANCES_RECEIVED, ""), 0))
             yield CounterMetricFamily(f"{PREFIX}_received_bytes", "bytes of DICOM instances received",
-                                      value=int(size))
+                                      value=int(size) + gone.get((retired.RECEIVED_BYTES, ""), 0))
             completed = session.scalar(select(func.count()).where(Study.completed_at.is_not(None)))
             yield CounterMetricFamily(f"{PREFIX}_studies_completed", "studies that completed and were routed",
-                                      value=completed)
+                                      value=completed + gone.get((retired.STUDIES_COMPLETED, ""), 0))
 
             by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "jobs by state", labels=["state"])
@@ -56,8 +58,12 @@ class NodeCollector:
                                      .group_by(Job.model_name, QualityCheck.passed)).all()
             quality = CounterMetricFamily(f"{PREFIX}_qc_checks", "quality checks of results, by model and outcome",
                                           labels=["model", "outcome"])
+            outcomes = {labels: value for (name, labels), value in gone.items() if name == retired.QC_CHECKS}
             for model, passed, count in checks:
-                quality.add_metric([model, "pass" if passed else "fail"], count)
+                labels = f"{model}|{'pass' if passed else 'fail'}"
+                outcomes[labels] = outcomes.get(labels, 0) + count
+            for labels, count in sorted(outcomes.items()):
+                quality.add_metric(labels.split("|", 1), count)
             yield quality
             yield GaugeMetricFamily(f"{PREFIX}_held_results", "jobs whose results wait for an admin to release "
                                     "or reject them (failed their quality checks under policy hold)",
@@ -65,7 +71,7 @@ class NodeCollector:
 
             failed = session.scalar(select(func.count()).where(Delivery.state == "failed"))
             yield CounterMetricFamily(f"{PREFIX}_delivery_failures", "deliveries given up after all retries",
-                                      value=failed)
+                                      value=failed + gone.get((retired.DELIVERY_FAILURES, ""), 0))
             pending = session.scalar(select(func.count()).where(Delivery.state == "pending"))
             queue = GaugeMetricFamily(f"{PREFIX}_queue_depth", "work waiting", labels=["queue"])
             queue.add_metric(["jobs"], by_state.get(JobState.queued, 0))
