@@ -51,19 +51,19 @@ class SecretError(ValueError):
     """The password or token cannot be read; the message says where it was looked for."""
 
 
-class _DeadlinePassed(Exception):
-    pass
+class DeadlinePassed(Exception):
+    """A deadline passed while a request was sent or its answer read."""
 
 
 def send_files(destination: DestinationConfig, _calling_ae: str, paths: list[Path]) -> list[SendResult]:
     """One SendResult per path, in order. ``_calling_ae`` is unused (the DIMSE sender's signature)."""
     deadline = time.monotonic() + destination.timeout_s * (len(paths) + 1)  # the lease is (n + 2) steps
     try:
-        auth = _auth(destination)
+        client = open_client(destination)
     except SecretError as error:
         return [SendResult(path, False, f"{error} (retried)") for path in paths]
     results: list[SendResult] = []
-    with _client(destination, auth) as client:
+    with client:
         for group in _requests(paths):
             if time.monotonic() >= deadline:
                 results += [SendResult(path, False, "batch deadline passed before it was sent (retried)")
@@ -77,7 +77,7 @@ def check(destination: DestinationConfig) -> tuple[bool, str]:
     """QIDO-RS ``GET {url}/studies?limit=1``: the page's connection test. The answer (patient
     data) is never read."""
     try:
-        with _client(destination, _auth(destination)) as client, client.stream(
+        with open_client(destination) as client, client.stream(
                 "GET", f"{destination.url}/studies", params={"limit": "1"},
                 headers={"Accept": "application/dicom+json"}) as answer:
             status = answer.status_code
@@ -87,11 +87,14 @@ def check(destination: DestinationConfig) -> tuple[bool, str]:
         return False, f"cannot reach {destination.url}: {type(error).__name__}: {error}"
     if status in (200, 204):
         return True, f"QIDO-RS answered HTTP {status}"
-    return False, f"QIDO-RS {destination.url}/studies: {_status_text(status)}" + (
+    return False, f"QIDO-RS {destination.url}/studies: {status_text(status)}" + (
         f" ({PERMANENT[status]})" if status in PERMANENT else "")
 
 
-def _client(destination: DestinationConfig, auth) -> httpx.Client:
+def open_client(destination: DestinationConfig) -> httpx.Client:
+    """An httpx client for the destination: its auth (the secret read now; SecretError when it
+    cannot be), TLS verification, timeout_s per network step, no redirects, no proxy."""
+    auth = _auth(destination)
     verify: bool | ssl.SSLContext = destination.verify_tls
     if destination.verify_tls and destination.ca_file:
         verify = ssl.create_default_context(cafile=destination.ca_file)
@@ -175,7 +178,7 @@ def _store(client: httpx.Client, destination: DestinationConfig, paths: list[Pat
             with open(path, "rb") as file:
                 while chunk := file.read(CHUNK):
                     if time.monotonic() >= deadline:
-                        raise _DeadlinePassed
+                        raise DeadlinePassed
                     yield chunk
             yield b"\r\n"
         yield tail
@@ -185,11 +188,11 @@ def _store(client: httpx.Client, destination: DestinationConfig, paths: list[Pat
     try:
         with client.stream("POST", f"{destination.url}/studies", content=body(), headers=headers) as answer:
             status = answer.status_code
-            text = _read_answer(answer, deadline)
-    except _DeadlinePassed:
+            text = read_answer(answer, deadline)
+    except DeadlinePassed:
         return _all(paths, False, "batch deadline passed while sending (retried)")
     except httpx.HTTPError as error:
-        if isinstance(error.__cause__, _DeadlinePassed) or isinstance(error.__context__, _DeadlinePassed):
+        if isinstance(error.__cause__, DeadlinePassed) or isinstance(error.__context__, DeadlinePassed):
             return _all(paths, False, "batch deadline passed while sending (retried)")
         return _all(paths, False, f"cannot reach {destination.url}: {type(error).__name__}: {error} (retried)")
     where = f"STOW-RS to {destination.url}"
@@ -197,17 +200,17 @@ def _store(client: httpx.Client, destination: DestinationConfig, paths: list[Pat
     # 400 with the failed instances and stores the others): each instance by the answer first
     referenced, failed = _parse_answer(text)
     if status in PERMANENT:
-        otherwise = (f"{where} refused: {_status_text(status)}, {PERMANENT[status]}; will not succeed "
+        otherwise = (f"{where} refused: {status_text(status)}, {PERMANENT[status]}; will not succeed "
                      "on retry until the destination or its config changes")
     elif 300 <= status < 400:
-        otherwise = (f"{where}: {_status_text(status)}, a redirect, not followed (credentials go only "
+        otherwise = (f"{where}: {status_text(status)}, a redirect, not followed (credentials go only "
                      "to the configured URL); set url to where it points")
     elif 200 <= status < 300 and status != 202:
         otherwise = None  # stored, whether or not the answer lists it
     elif status in (202, 409):
-        otherwise = f"{where}: {_status_text(status)}, the instance is not in the answer's Referenced SOP Sequence; retried"
+        otherwise = f"{where}: {status_text(status)}, the instance is not in the answer's Referenced SOP Sequence; retried"
     else:
-        otherwise = f"{where} failed: {_status_text(status)}{' (server error)' if status >= 500 else ''}; retried"
+        otherwise = f"{where} failed: {status_text(status)}{' (server error)' if status >= 500 else ''}; retried"
     results = []
     for path, uid in zip(paths, uids):
         if uid in failed:
@@ -230,14 +233,15 @@ def _reason_text(reason: int | None) -> str:
     return text + ("; retried" if reason == 0xA700 or reason == 0x0110 else "; will not succeed on retry")
 
 
-def _read_answer(answer: httpx.Response, deadline: float) -> str | None:
-    """The answer's text, or None when it is longer than MAX_ANSWER_BYTES (not read further)."""
+def read_answer(answer: httpx.Response, deadline: float, limit: int = MAX_ANSWER_BYTES) -> str | None:
+    """The answer's text, or None when it is longer than ``limit`` bytes (not read further);
+    DeadlinePassed when the deadline (time.monotonic()) passes while it is read."""
     data = bytearray()
     for chunk in answer.iter_bytes():
-        if len(data) + len(chunk) > MAX_ANSWER_BYTES:
+        if len(data) + len(chunk) > limit:
             return None
         if time.monotonic() >= deadline:
-            raise _DeadlinePassed
+            raise DeadlinePassed
         data += chunk
     return data.decode("utf-8", errors="replace")
 
@@ -275,7 +279,7 @@ def _value(item: dict, tag: str):
     return values[0] if isinstance(values, list) and values else None
 
 
-def _status_text(status: int) -> str:
+def status_text(status: int) -> str:
     try:
         return f"HTTP {status} {HTTPStatus(status).phrase}"
     except ValueError:
