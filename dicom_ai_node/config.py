@@ -71,7 +71,7 @@ class DestinationConfig:
     backoff_s: float = 2.0  # first retry after this, doubling each time
     timeout_s: float = 30.0
     tls: TlsConfig | None = None
-    kind: str = "dimse"  # "dimse" (C-STORE) or "dicomweb" (STOW-RS, deliver/dicomweb.py)
+    kind: str = "dimse"  # "dimse" (C-STORE; as a priors source C-FIND/C-MOVE) or "dicomweb" (STOW-RS; QIDO-RS/WADO-RS)
     # dicomweb: the base URL (no credentials, query or fragment in it), auth "none" | "basic" |
     # "bearer"; the password or token is read at each send from secret_file or the environment
     # variable secret_env, never stored in the database, so a rotated secret needs no restart

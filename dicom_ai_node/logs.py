@@ -29,6 +29,9 @@ def configure(level: str, log_phi: bool, process_label: str = "") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     for noisy in ("alembic", "highdicom", "apscheduler"):  # per-step chatter, never useful to an admin
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # httpx logs every request's URL at INFO: a QIDO-RS search's holds the PatientID (priors/dicomweb.py)
+    for per_request in ("httpx", "httpcore"):
+        logging.getLogger(per_request).setLevel(logging.WARNING)
     if not log_phi:
         for name in _LIBRARIES:
             logging.getLogger(name).addFilter(RedactQuotedValues())

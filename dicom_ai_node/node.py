@@ -77,13 +77,15 @@ class Node:
             self.executor = CeleryExecutor(config.celery, self.database, self._model_device)
         else:
             self.executor = LocalExecutor(self.runner.run, config.workers)
-        # priors a rule asks for: fetched in their own threads, then the job is submitted
-        self.priors = PriorFetcher(self.database, self.destinations.get, config.node.ae_title, self.executor.submit)
+        self.scp = StorageSCP(config.node, self.database, self.storage, notify=self.notifier.emit)
+        # priors a rule asks for: fetched in their own threads, then the job is submitted; a
+        # WADO-RS retrieve stores through this process's StorageSCP (its index writer, no listener needed)
+        self.priors = PriorFetcher(self.database, self.destinations.get, config.node.ae_title, self.executor.submit,
+                                   receiver=self.scp, is_paused=self.destinations.paused)
         self.router = Router(self.database, self.rules, self.executor.submit, fetch_priors=self.priors.submit)
         release_grace_s = config.node.release_grace_s if config.node.complete_on_release else None
         self.completion = CompletionWatcher(self.database, config.quiet_period_s, release_grace_s,
                                             self.router.quiet_enough, self.router.route)
-        self.scp = StorageSCP(config.node, self.database, self.storage, notify=self.notifier.emit)
         self.web = None  # the admin page and API (dicom_ai_node/web), started last
         self._receivers: list[subprocess.Popen] = []  # extra listener processes
 
@@ -99,6 +101,7 @@ class Node:
         self.scheduler.start()
         self.scheduler.add_job(self.process.beat, "interval", seconds=cluster.HEARTBEAT_S, id="heartbeat",
                                max_instances=1, coalesce=True)
+        self._open_store()
         if self.leads:
             self._start_duties()
         if self.receives:
@@ -138,11 +141,16 @@ class Node:
         for job_id in cluster.take_back_orphaned_jobs(self.database, self.name, at_start=False):
             self.executor.submit(job_id)
 
-    def _start_listening(self) -> None:
-        leftovers = self.storage.clear_incoming()  # before any receiver runs
+    def _open_store(self) -> None:
+        """This process's incoming folder emptied and its index writer opened, before anything
+        stores: the listener, STOW-RS, or a prior's WADO-RS retrieve (role web too)."""
+        leftovers = self.storage.clear_incoming()
         if leftovers:
             log.warning("removed %d half-received instances left by an earlier stop (none was "
                         "acknowledged; their senders resend them)", leftovers)
+        self.scp.open_index()
+
+    def _start_listening(self) -> None:
         shared_port = self.config.node.receivers > 1
         self.scp.start(shared_port=shared_port)
         if shared_port:

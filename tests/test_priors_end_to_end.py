@@ -3,7 +3,7 @@ follow-up CT arrives at the node by storescu; the node C-FINDs (study, then seri
 C-MOVEs the prior from Orthanc to itself, the lung job gets both volumes, and the SR delivered
 to Orthanc reports both studies' measurements and their change. The prior study gets no
 results of its own. Without a prior in the PACS, or with the source down, the job runs and
-says why it has no prior.
+says why it has no prior. tests/test_priors_dicomweb.py does the same by QIDO-RS and WADO-RS.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def comparison_text(sr) -> list[str]:
             for inner in outer.ContentSequence if inner.ConceptNameCodeSequence[0].CodeValue == "PRIOR"]
 
 
-def test_follow_up_gets_the_change_since_its_prior_fetched_from_orthanc(tmp_path, orthanc):
+def priors_in(orthanc, tmp_path):
+    """The patient's prior chest CT (20230110) and another patient's later CT, in Orthanc."""
     prior = make_ct_series(tmp_path / "prior", shape=(40, 96, 96), spacing=(2.5, 3.8, 3.8), seed="prior",
                            patient_id=PATIENT)
     set_study_date(prior, "20230110")
@@ -91,6 +92,11 @@ def test_follow_up_gets_the_change_since_its_prior_fetched_from_orthanc(tmp_path
     set_study_date(other_patient, "20231201")
     for path in [*prior.paths, *other_patient.paths]:
         orthanc.upload(path)
+    return prior
+
+
+def test_follow_up_gets_the_change_since_its_prior_fetched_from_orthanc(tmp_path, orthanc):
+    prior = priors_in(orthanc, tmp_path)
     current = follow_up(tmp_path)
     with node_for(tmp_path, orthanc) as node:
         assert not storescu_failures(storescu("127.0.0.1", node.port, tmp_path / "follow-up", NODE_AE))
@@ -104,6 +110,12 @@ def test_follow_up_gets_the_change_since_its_prior_fetched_from_orthanc(tmp_path
     assert fetch["prior_series_instance_uid"] == prior.series_instance_uid
     assert fetch["received_instances"] == fetch["expected_instances"] == 40
     assert [s["step"] for s in fetch["steps"]] == ["C-FIND STUDY", "C-FIND SERIES", "C-MOVE"]
+    assert_compared_with_prior(tmp_path, orthanc, detail, prior_detail, found, sr, current, prior)
+
+
+def assert_compared_with_prior(tmp_path, orthanc, detail, prior_detail, found, sr, current, prior) -> None:
+    """The job compared with the prior; its SR (and SEG, key images) report both studies and the
+    change, and pass dciodvfy; the prior itself got no results."""
     assert detail["jobs"][0]["prior"] == f"compared with prior study {prior.study_instance_uid} (20230110)"
     # the prior came to the node, but was not routed: no jobs, nothing sent back for it
     assert prior_detail["state"] == "complete" and prior_detail["jobs"] == []

@@ -97,6 +97,12 @@ class DestinationStore:
                 raise KeyError(name)
             return to_config(row)
 
+    def paused(self, name: str) -> bool:
+        """Whether an admin paused ``name`` (False when there is no such destination)."""
+        with self.database.session() as session:
+            row = session.get(DestinationRow, name)
+            return row is not None and row.paused_at is not None
+
     def names(self) -> set[str]:
         with self.database.session() as session:
             return set(session.scalars(select(DestinationRow.name)))

@@ -1,5 +1,6 @@
 """Which earlier study of the patient is the prior, and which of its series: pure functions of
-the current study's facts, the rule's PriorSpec and the source's C-FIND answers."""
+the current study's facts, the rule's PriorSpec and the source's answers (C-FIND or QIDO-RS,
+both as pydicom Datasets)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def check_current(current: Current) -> None:
     if not current.patient_id.strip():
         raise NoPrior("the study has no PatientID: a query would match every patient")
     if any(ch in current.patient_id for ch in "*?\\"):
-        raise NoPrior("the PatientID holds C-FIND wildcard characters: it cannot be matched exactly")
+        raise NoPrior("the PatientID holds query wildcard characters: it cannot be matched exactly")
     if not _parse_date(current.study_date):
         raise NoPrior("the study has no valid StudyDate: the prior's date range is unknown")
 

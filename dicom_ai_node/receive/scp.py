@@ -71,7 +71,7 @@ class StorageSCP:
         """Open the listener. ``shared_port``: several receiver processes listen on the same
         port (SO_REUSEPORT) and the kernel spreads associations across them."""
         self.ssl_context = server_ssl_context(self.config.tls) if self.config.tls else None
-        self._index = IndexWriter(self.database)
+        self.open_index()
         limits = ConnectionLimits(association_timeout_s=self.config.association_timeout_s,
                                   max_pending=self.config.max_pending_connections,
                                   max_pending_per_address=self.config.max_pending_per_address,
@@ -81,6 +81,12 @@ class StorageSCP:
         self._listener.start()
         log.info("DICOM listener %s on %s:%d%s", self.config.ae_title, self.config.host,
                  self.port, " (TLS)" if self.ssl_context else "")
+
+    def open_index(self) -> None:
+        """The index writer, without a listener too: a process of role ``web`` stores the
+        instances of a prior's WADO-RS retrieve (priors/dicomweb.py) through store_instance."""
+        if self._index is None:
+            self._index = IndexWriter(self.database)
 
     def stop(self) -> None:
         if self._listener is not None:

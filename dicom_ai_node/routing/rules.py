@@ -34,7 +34,8 @@ class RuleError(Exception):
 @dataclass(frozen=True)
 class PriorSpec:
     """Which earlier study of the patient a job also gets (``priors = {...}``), queried at the
-    rule's ``source`` (a destination that answers C-FIND/C-MOVE)."""
+    rule's ``source`` (a destination that answers C-FIND/C-MOVE, or QIDO-RS/WADO-RS when its kind
+    is ``dicomweb``)."""
 
     within_days: int
     same_modality: bool = True
