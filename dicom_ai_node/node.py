@@ -192,7 +192,7 @@ class Node:
         context = WebContext(config=self.config, database=self.database, rules=self.rules, models=self.models,
                              destinations=self.destinations, secret=secret, submit_job=self.executor.submit,
                              kick_outbox=self._kick_outbox, ready=self._ready,
-                             receiver=self.scp if self.receives else None)  # STOW-RS stores through it
+                             receiver=self.scp)  # STOW-RS stores through it (role web too: its index writer is open)
         self.web = WebServer(context)
         self.web.start()
 

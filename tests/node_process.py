@@ -28,7 +28,8 @@ class NodeProcess:
                  allowed_callers: str = '{ ae_title = "STORESCU" }, { ae_title = "ECHOSCU" }',
                  node_extra: str = "", database_url: str | None = None, max_attempts: int = 3,
                  backoff_s: float = 0.5, web: bool = False, model_paths: tuple[str | Path, ...] = (),
-                 extra: str = ""):
+                 extra: str = "", role: str = "all"):
+        self.role = role  # serve --role: all, receiver (no web page) or web (no DICOM listener)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -78,12 +79,12 @@ quiet_period_s = {quiet_period_s}
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.config_path), "serve"],
+            [sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.config_path), "serve", "--role", self.role],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir)
         log.close()
 
         def ready() -> bool:
-            return _port_open("127.0.0.1", self.port) and (
+            return (self.role == "web" or _port_open("127.0.0.1", self.port)) and (
                 self.web_port is None or _port_open("127.0.0.1", self.web_port))
 
         deadline = time.monotonic() + timeout

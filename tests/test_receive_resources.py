@@ -54,7 +54,8 @@ def stored_files(node) -> list[Path]:
 def incoming_folder(node) -> Path:
     """The node's own folder under storage/incoming (one per receiving process: host-role-port)."""
     folders = list((node.workdir / "storage" / "incoming").iterdir())
-    assert len(folders) == 1 and folders[0].is_dir() and folders[0].name.endswith(f"-all-{node.port}"), folders
+    port = node.web_port if node.role == "web" else node.port  # a web process is named by its web port
+    assert len(folders) == 1 and folders[0].is_dir() and folders[0].name.endswith(f"-{node.role}-{port}"), folders
     return folders[0]
 
 

@@ -84,6 +84,32 @@ def test_a_study_sent_by_dicomweb_client_gets_results_in_the_pacs(tmp_path, stow
     assert received_leftovers(stow_node) == []
 
 
+def test_a_web_process_without_a_dicom_listener_stores_and_routes_stow_rs(tmp_path, orthanc):
+    """serve --role web (scaled out: STOW-RS behind a load balancer, no DICOM port): it stores
+    through its own index writer, and as the only leader completes and routes the study."""
+    node = NodeProcess(tmp_path / "web-node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
+                       rules=RULES, web=True, quiet_period_s=600, extra=STOW, role="web").start()
+    try:
+        token = token_for(node, "pacs", "sender")
+        series = make_ct_series(tmp_path / "ct", shape=(32, 64, 64), spacing=(2.5, 4.5, 4.5), seed="stow-web")
+        client = DICOMwebClient(f"{node.web_url}/dicom-web", headers={"Authorization": f"Bearer {token}"})
+        answer = client.store_instances([dcmread(path) for path in series.paths])
+        assert {item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence} == set(series.sop_instance_uids)
+        assert rows(node, "SELECT count(*) FROM instance")[0][0] == 32
+        assert not _port_listening(node.port)  # no DICOM listener in this role
+        wait_for(lambda: all_results_arrived(orthanc, series.study_instance_uid), timeout=180,
+                 what="SEG, SR and key images in Orthanc")
+        assert received_leftovers(node) == []
+    finally:
+        node.stop()
+
+
+def _port_listening(port: int) -> bool:
+    with closing(socket.socket()) as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_orthanc_sends_a_study_with_stow_rs_and_it_gets_results(tmp_path, orthanc_factory, orthanc, stow_node):
     series = make_ct_series(tmp_path / "ct", shape=(32, 64, 64), spacing=(2.5, 4.5, 4.5), seed="orthanc-stow")
     sender = orthanc_factory(node_port=1, extra_config={"DicomWeb": {

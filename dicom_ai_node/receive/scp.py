@@ -97,6 +97,11 @@ class StorageSCP:
             self._index = None
 
     @property
+    def can_store(self) -> bool:
+        """store_instance works: the index writer is open (with or without a listener)."""
+        return self._index is not None
+
+    @property
     def running(self) -> bool:
         return self._listener is not None
 

@@ -89,8 +89,8 @@ async def store_study_instances(request: Request, study_uid: str,
 async def _stow(request: Request, who: Principal, study_uid: str | None):
     ctx = context(request)
     settings = ctx.config.dicomweb
-    if ctx.receiver is None or not ctx.receiver.running:
-        raise HTTPException(503, "the node's receiver is not running")
+    if ctx.receiver is None or not ctx.receiver.can_store:  # starting or stopping
+        raise HTTPException(503, "the node cannot store instances now (starting or stopping)")
     address = request.client.host if request.client else "unknown"
     try:
         boundary = multipart_boundary(request.headers.get("content-type"))
