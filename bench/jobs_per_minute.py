@@ -6,7 +6,8 @@ load + inference + quality checks + encoding + the claims, not the network.
 
 Each configuration first runs one warm-up job per worker (each worker process loads torch and
 the model once), then JOBS timed jobs, all queued at once; jobs/min = JOBS / (last finished -
-first sent).
+first sent). Each worker's torch uses every core unless OMP_NUM_THREADS says otherwise; the
+last Celery run of each model gives each of the most workers one thread.
 
     .venv/bin/python bench/jobs_per_minute.py [--jobs 12] [--workers 1,2,4]
 """
@@ -104,13 +105,14 @@ class Run:
             time.sleep(0.05)
         return time.monotonic()
 
-    def start_workers(self, count: int) -> None:
+    def start_workers(self, count: int, torch_threads: int | None = None) -> None:
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(torch_threads)} if torch_threads else {})}
         for number in range(count):
             with open(self.folder / f"worker{number}.log", "wb") as log:
                 self.workers.append(subprocess.Popen(
                     [sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.folder / "config.toml"),
                      "worker", "--queues", "cpu,any", "--concurrency", "1"],
-                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         deadline = time.monotonic() + 300
         while True:
             with self.database.session() as session:
@@ -174,10 +176,11 @@ def main() -> None:
                     run.stop()
                     results.append((model, f"local, {threads} thread{'s' * (threads > 1)}", per_minute))
                     print(results[-1], flush=True)
-                for count in counts:
+                # each worker's torch uses every core by default; the last run gives each one thread
+                for count, torch_threads in [*((c, None) for c in counts), (max(counts), 1)]:
                     number += 1
                     run = Run(folder, postgres, rabbitmq, f"bench{number}", 1)
-                    run.start_workers(count)
+                    run.start_workers(count, torch_threads)
                     manifests = ModelRegistry(run.config.model_paths).manifests
                     executor = CeleryExecutor(run.config.celery, run.database, lambda name, manifests=manifests: manifests[name].device)
                     try:
@@ -185,7 +188,8 @@ def main() -> None:
                     finally:
                         executor.shutdown()
                         run.stop()
-                    results.append((model, f"celery, {count} worker{'s' * (count > 1)}", per_minute))
+                    threads_note = f", OMP_NUM_THREADS={torch_threads}" if torch_threads else ""
+                    results.append((model, f"celery, {count} worker{'s' * (count > 1)}{threads_note}", per_minute))
                     print(results[-1], flush=True)
         finally:
             rabbitmq.stop()

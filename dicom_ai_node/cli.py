@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated device queues to take: gpu, cpu, any (default: gpu,any "
                              "on a host with a GPU, else cpu,any)")
     worker.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    worker.add_argument("--torch-threads", type=int, default=None,
+                        help="CPU threads of torch in each worker process (default: OMP_NUM_THREADS if set, "
+                             "else this host's cores / --concurrency); with several workers on one host, "
+                             "its cores / all their processes (docs/benchmarks.md: oversubscribed workers are slower)")
 
     rules = commands.add_parser("rules", help="routing rules").add_subparsers(dest="action", required=True)
     check = rules.add_parser("check", help="validate a rule file (TOML with [[rules]])")
@@ -200,11 +204,11 @@ def _worker(args) -> int:
 
     config = _config(args)
     logs.configure(config.node.log_level, config.node.log_phi)
-    if args.concurrency < 1:
-        print("--concurrency must be at least 1", file=sys.stderr)
+    if args.concurrency < 1 or (args.torch_threads is not None and args.torch_threads < 1):
+        print("--concurrency and --torch-threads must be at least 1", file=sys.stderr)
         return 2
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
-    return run_worker(config, queues, args.concurrency)
+    return run_worker(config, queues, args.concurrency, args.torch_threads)
 
 
 def _processes(args) -> int:

@@ -28,7 +28,7 @@ from dicom_ai_node.config import ConfigError, load_config
 from dicom_ai_node.db.engine import Database
 from dicom_ai_node.db.models import DisabledModel, Job, JobState, ResultObject
 from dicom_ai_node.jobs.celery_app import queue_for
-from dicom_ai_node.jobs.celery_worker import default_queues
+from dicom_ai_node.jobs.celery_worker import default_queues, torch_threads_per_process
 from dicom_ai_node.jobs.executor import CeleryExecutor
 from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.storage import Storage
@@ -52,7 +52,10 @@ class GatedBodyRegion(BodyRegionClassifier):
     """The body-region model, but predict says it started and waits for the test's gate file."""
 
     def predict(self, volume):
-        Path(self.manifest.extra["started"], f"started-{os.getpid()}").touch()  # one per attempt
+        import torch
+
+        # one per attempt; it holds the threads the worker gave torch (--torch-threads)
+        Path(self.manifest.extra["started"], f"started-{os.getpid()}").write_text(str(torch.get_num_threads()))
         deadline = time.monotonic() + 120
         while not Path(self.manifest.extra["gate"]).exists():
             if time.monotonic() > deadline:
@@ -80,6 +83,18 @@ def test_manifest_device_defaults_to_any_and_is_checked(tmp_path):
     (tmp_path / "model.toml").write_text(text.replace("[model]\n", '[model]\ndevice = "tpu"\n', 1))
     with pytest.raises(ManifestError, match="model.device: must be one of gpu, cpu, any"):
         load_manifest(tmp_path)
+
+
+def test_torch_threads_per_worker_process(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert torch_threads_per_process(None, 4) == 4  # the cores shared out between the pool's processes
+    assert torch_threads_per_process(None, 32) == 1
+    assert torch_threads_per_process(3, 4) == 3  # asked
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert torch_threads_per_process(None, 1) == 2  # the site's environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    assert torch_threads_per_process(None, 2) == 8
 
 
 def test_workers_config(tmp_path, monkeypatch):
@@ -196,7 +211,7 @@ enabled = false
     def start_worker(self, queues: str = "cpu,any") -> subprocess.Popen:
         log = open(self.folder / f"worker{len(self.workers)}.log", "wb")  # noqa: SIM115 - the process writes it
         worker = subprocess.Popen([sys.executable, "-m", "dicom_ai_node.cli", "--config", str(self.config_path),
-                                   "worker", "--queues", queues, "--concurrency", "1"],
+                                   "worker", "--queues", queues, "--concurrency", "1", "--torch-threads", "1"],
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.workers.append(worker)
@@ -297,6 +312,7 @@ def test_a_worker_killed_mid_job_hands_the_job_to_another(site, series):
     assert job.state == JobState.done, job.reason
     assert job.attempts == 2  # the killed attempt and the one that finished
     assert len(list(site.folder.glob("started-*"))) == 2  # the second worker ran the model again
+    assert {path.read_text() for path in site.folder.glob("started-*")} == {"1"}  # --torch-threads 1
     uids = site.results(job_id)
     assert uids and len(uids) == len(set(uids))
 

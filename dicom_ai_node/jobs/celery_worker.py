@@ -96,7 +96,19 @@ class _ProcessRunner:
                          process_name=self._process_name, notify=notifier.emit)
 
 
-def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> int:
+def torch_threads_per_process(asked: int | None, concurrency: int) -> int:
+    """Threads for torch in each pool process: asked, else OMP_NUM_THREADS, else the cores shared
+    out. Left to itself every process's torch takes every core: N processes then oversubscribe
+    the CPU and run slower than one (docs/benchmarks.md, jobs per minute)."""
+    if asked:
+        return asked
+    from_env = os.environ.get("OMP_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    return max(1, (os.cpu_count() or 1) // concurrency)
+
+
+def run_worker(config: Config, queues: list[str] | None, concurrency: int, torch_threads: int | None = None) -> int:
     from dicom_ai_node.jobs.celery_app import QUEUES, TASK_NAME, make_app
 
     if config.celery is None:
@@ -115,6 +127,8 @@ def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> in
                            concurrency=concurrency)
     record.database.wait_until_reachable()
     heartbeat = _start_heartbeat(record)
+    threads = torch_threads_per_process(torch_threads, concurrency)
+    _limit_torch_threads(threads)
     runners = _ProcessRunner(config, name)
 
     @app.task(name=TASK_NAME, bind=True)
@@ -124,8 +138,8 @@ def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> in
             requeue_interrupted(runner.database, job_id)
         runner.run(job_id)  # claims the job: a duplicate message finds it taken and returns
 
-    log.info("worker starting: device %s, queues %s, %d processes, broker %s", device, ",".join(queues),
-             concurrency, _without_password(config.celery.broker_url))
+    log.info("worker starting: device %s, queues %s, %d processes of %d torch threads, broker %s", device,
+             ",".join(queues), concurrency, threads, _without_password(config.celery.broker_url))
     app.worker_main(["worker", "--queues", ",".join(queues), "--concurrency", str(concurrency),
                      "--hostname", f"dicom-ai-node-{device}-{os.getpid()}@{socket.gethostname()}",
                      "--loglevel", config.node.log_level, "--without-gossip", "--without-mingle",
@@ -133,6 +147,17 @@ def run_worker(config: Config, queues: list[str] | None, concurrency: int) -> in
     heartbeat.set()
     record.remove()
     return 0
+
+
+def _limit_torch_threads(threads: int) -> None:
+    """In every pool process, before its first job (torch's pool is per process)."""
+    from celery.signals import worker_process_init
+
+    @worker_process_init.connect(weak=False)
+    def set_threads(**_):
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _start_heartbeat(record: ProcessRecord) -> threading.Event:
