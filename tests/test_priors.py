@@ -94,6 +94,14 @@ def test_the_prior_is_the_newest_earlier_study_of_this_patient_in_range():
                                        _series("1.2.9.4", modality="SR", count=1000)])
     assert chosen.series_instance_uid == "1.2.9.2" and chosen.instances == 300
     assert choose_series(NOW, SPEC, [_series("1.2.9.3", body_part="ABDOMEN")]) is None
+    # a count that is not one (left out, negative, absurd) is unknown, never "already here"
+    for count in (None, -5, 0, 10**9):
+        answer = _series("1.2.9.5")
+        if count is None:
+            del answer.NumberOfSeriesRelatedInstances
+        else:
+            answer.NumberOfSeriesRelatedInstances = count
+        assert choose_series(NOW, SPEC, [answer]).instances is None, count
     for patient_id, why in (("", "no PatientID"), ("P*", "wildcard")):
         with pytest.raises(NoPrior, match=why):
             check_current(Current("1.2.3.100", patient_id, "20240115", "", "CT"))

@@ -13,6 +13,7 @@ from dicom_ai_node.routing import PriorSpec
 from dicom_ai_node.storage import is_valid_uid
 
 MAX_STUDIES_TRIED = 5  # candidate studies, newest first, whose series are queried
+MAX_SERIES_INSTANCES = 100_000  # more than any real series: a count above it is taken for unknown
 
 
 class NoPrior(Exception):
@@ -90,11 +91,20 @@ def choose_series(current: Current, spec: PriorSpec, answers: list[Dataset]) -> 
             continue
         if spec.body_part and str(answer.get("BodyPartExamined", "") or "").strip().upper() != spec.body_part.upper():
             continue
-        count = answer.get("NumberOfSeriesRelatedInstances")
-        matches.append(SeriesMatch(uid, int(count) if count not in (None, "") else None))
+        matches.append(SeriesMatch(uid, _instance_count(answer.get("NumberOfSeriesRelatedInstances"))))
     if not matches:
         return None
     return max(matches, key=lambda s: (s.instances or 0, s.series_instance_uid))
+
+
+def _instance_count(value) -> int | None:
+    """The answer's instance count when it is one (1 to MAX_SERIES_INSTANCES); anything else,
+    from a PACS that leaves it out or gets it wrong, is unknown (the retrieve's own count rules)."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        return None
+    return count if 1 <= count <= MAX_SERIES_INSTANCES else None
 
 
 def _parse_date(text: str) -> date | None:
