@@ -233,12 +233,12 @@ def _reason_text(reason: int | None) -> str:
     return text + ("; retried" if reason == 0xA700 or reason == 0x0110 else "; will not succeed on retry")
 
 
-def read_answer(answer: httpx.Response, deadline: float, limit: int = MAX_ANSWER_BYTES) -> str | None:
-    """The answer's text, or None when it is longer than ``limit`` bytes (not read further);
+def read_answer(answer: httpx.Response, deadline: float) -> str | None:
+    """The answer's text, or None when it is longer than MAX_ANSWER_BYTES (not read further);
     DeadlinePassed when the deadline (time.monotonic()) passes while it is read."""
     data = bytearray()
     for chunk in answer.iter_bytes():
-        if len(data) + len(chunk) > limit:
+        if len(data) + len(chunk) > MAX_ANSWER_BYTES:
             return None
         if time.monotonic() >= deadline:
             raise DeadlinePassed

@@ -130,7 +130,7 @@ def retrieve(source: DestinationConfig, study_uid: str, series_uid: str, receive
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise QueryError("deadline passed before the retrieve")
-    stow: MultipartReceiver | None = None
+    parts: MultipartReceiver | None = None
     timeout = min(source.timeout_s, remaining)
     try:
         with open_client(source) as client, client.stream(
@@ -142,13 +142,13 @@ def retrieve(source: DestinationConfig, study_uid: str, series_uid: str, receive
             except RequestRefused:
                 raise QueryError(f"{where}: the answer is not multipart/related; type=application/dicom") from None
             # the study of the URL: a part of another study is refused, like a STOW-RS to /studies/{uid}
-            stow = MultipartReceiver(receiver, study_uid, f"WADO-RS source {source.name}", boundary,
+            parts = MultipartReceiver(receiver, study_uid, f"WADO-RS source {source.name}", boundary,
                                      MAX_PART_BYTES, MAX_SERIES_BYTES, via="WADO-RS")
             for chunk in answer.iter_bytes():
                 if time.monotonic() > deadline:
                     raise QueryError(f"{where} ran past its deadline")
-                stow.write(chunk)
-            stow.finish()
+                parts.write(chunk)
+            parts.finish()
     except RequestRefused as refusal:
         if refusal.status == 413:
             raise QueryError(f"{where}: the series is over {MAX_SERIES_BYTES >> 20} MiB") from None
@@ -158,11 +158,11 @@ def retrieve(source: DestinationConfig, study_uid: str, series_uid: str, receive
     except httpx.HTTPError as error:
         raise _network_error(source, where, timeout, error) from None
     finally:
-        if stow is not None:
-            stow.discard()  # a part cut off is never kept
-            receiver.studies_released(stow.studies)  # like an association release: completes promptly
-    refused = [outcome for outcome in stow.outcomes if outcome.status != SUCCESS]
-    return Retrieved(len(stow.outcomes) - len(refused), len(refused), stow.received,
+        if parts is not None:
+            parts.discard()  # a part cut off is never kept
+            receiver.studies_released(parts.studies)  # like an association release: completes promptly
+    refused = [outcome for outcome in parts.outcomes if outcome.status != SUCCESS]
+    return Retrieved(len(parts.outcomes) - len(refused), len(refused), parts.received,
                      refused[0].reason if refused else None)
 
 
