@@ -1,7 +1,16 @@
-"""Recording received instances in the index (study -> series -> instance rows)."""
+"""Recording received instances in the index (study -> series -> instance rows).
+
+Liberal in what it stores: a header value that cannot be read (a private FD of 4 bytes, a
+sequence pydicom cannot parse), a missing Type 1 or 2 attribute or a value its VR does not
+allow never costs an instance. The index stores NULL (or leaves the value out of the series'
+attributes) and says so: each oddity of a series' first header is one sentence in
+``series.header_notes`` and one log line when the series row is made (no values: they may be
+patient data).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,30 +25,90 @@ from sqlalchemy.orm import Session
 
 from dicom_ai_node.db.models import Instance, Series, Study, utcnow
 from dicom_ai_node.imaging.functional_groups import shared_frame_values
+from dicom_ai_node.storage import is_valid_uid
+
+log = logging.getLogger(__name__)
 
 # Binary and nested values are useless for routing and can be huge.
 _SKIPPED_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UN"}
+_BINARY_VRS = _SKIPPED_VRS - {"SQ"}
 _MAX_TEXT = 256
+MAX_HEADER_NOTES = 20
+# what the index and routing read: a Type 1 missing, or a Type 2 absent, is said
+_EXPECTED = {"Modality": "1", "SOPClassUID": "1", "PatientID": "2", "PatientName": "2", "StudyDate": "2",
+             "StudyTime": "2", "AccessionNumber": "2"}
 
 
-def header_attributes(dataset: Dataset) -> dict[str, object]:
+def header_attributes(dataset: Dataset, notes: list[str] | None = None) -> dict[str, object]:
     """Top-level header values as JSON (keyword -> str | int | float | list): what rules test.
     An enhanced multi-frame object also gets the values all its frames share in its functional
-    groups (ImageOrientationPatient, PixelSpacing, SliceThickness, ...) under their classic keywords."""
+    groups (ImageOrientationPatient, PixelSpacing, SliceThickness, ...) under their classic keywords.
+    Values that cannot be read are left out, each said in ``notes`` when given."""
+    notes = [] if notes is None else notes
     attributes: dict[str, object] = {}
-    for element in dataset:
-        if element.VR in _SKIPPED_VRS or element.tag.is_private or element.tag.group == 0x0002:
+    for tag in list(dataset.keys()):
+        if tag.group == 0x0002:
             continue
-        keyword = element.keyword or f"{element.tag.group:04X},{element.tag.element:04X}"
+        try:
+            element = dataset[tag]  # converts the raw element: this is where bad values show
+        except Exception as error:  # a malformed value must not stop the instance from being indexed
+            notes.append(f"{_tag_name(tag)} could not be read ({type(error).__name__}); kept in the file as received")
+            continue
+        if isinstance(element.value, (bytes, bytearray)) and element.VR not in _BINARY_VRS:
+            notes.append(f"{_tag_name(tag)} holds {len(element.value)} bytes, which are not a whole {element.VR} "
+                         "value; kept in the file as received")
+            continue
+        if element.VR == "UN" and (expected := _dictionary_vr(dataset, tag)) not in (None, "UN"):
+            # pydicom read it as UN because its length does not fit the dictionary's VR
+            notes.append(f"{_tag_name(tag)} holds {len(element.value or b'')} bytes, which are not a whole "
+                         f"{expected} value; kept in the file as received")
+            continue
+        if element.VR in _SKIPPED_VRS or tag.is_private:
+            continue
+        keyword = element.keyword or f"{tag.group:04X},{tag.element:04X}"
         try:
             value = _json_value(element.value)
-        except Exception:  # a malformed value must not stop the instance from being indexed
+        except Exception:
+            notes.append(f"{_tag_name(tag)} could not be read as {element.VR}; left out of the index")
             continue
         if value is not None:
             attributes[keyword] = value
-    for keyword, value in shared_frame_values(dataset).items():
+    try:
+        lifted = shared_frame_values(dataset)
+    except Exception as error:
+        notes.append(f"the functional groups could not be read ({type(error).__name__}); the frames' shared "
+                     "values are not indexed")
+        lifted = {}
+    for keyword, value in lifted.items():
         attributes.setdefault(keyword, value)
+    for keyword, kind in _EXPECTED.items():
+        if keyword not in dataset:
+            notes.append(f"{keyword} (Type {kind}) is missing; the index stores none")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if not is_valid_uid(str(attributes.get(keyword, ""))):
+            notes.append(f"{keyword} is not a valid DICOM UID (e.g. a leading zero); stored, but results "
+                         "cannot reference it")
     return attributes
+
+
+def _dictionary_vr(dataset: Dataset, tag) -> str | None:
+    """The VR the public or private dictionary gives ``tag`` (None when unknown)."""
+    from pydicom.datadict import dictionary_VR, private_dictionary_VR
+
+    try:
+        if not tag.is_private:
+            return dictionary_VR(tag)
+        creator = dataset.get((tag.group, tag.element >> 8))
+        return private_dictionary_VR(tag, str(creator.value)) if creator is not None else None
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _tag_name(tag) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    keyword = keyword_for_tag(tag) if not tag.is_private else ""
+    return f"{keyword} ({tag.group:04X},{tag.element:04X})" if keyword else f"({tag.group:04X},{tag.element:04X})"
 
 
 def _json_value(value):
@@ -126,6 +195,9 @@ def record_instance(connection: Session | Connection, item: ReceivedInstance, no
     header = item.header
     statements = _statements(connection)
     if not series_known:
+        notes: list[str] = []
+        attributes = header_attributes(header, notes)
+        notes = list(dict.fromkeys(notes))[:MAX_HEADER_NOTES]
         connection.execute(statements.insert_study, dict(
             study_instance_uid=item.study_uid,
             patient_id=_text(header, "PatientID", 64),
@@ -135,15 +207,18 @@ def record_instance(connection: Session | Connection, item: ReceivedInstance, no
             study_description=_text(header, "StudyDescription", 64),
             state="receiving", first_received_at=now, last_received_at=now,
         ))
-        connection.execute(statements.insert_series, dict(
+        if connection.execute(statements.insert_series, dict(
             series_instance_uid=item.series_uid,
             study_instance_uid=item.study_uid,
             modality=_text(header, "Modality", 16),
             series_number=_int(header, "SeriesNumber"),
             series_description=_text(header, "SeriesDescription", 64),
-            attributes=header_attributes(header),
+            attributes=attributes,
+            header_notes=notes or None,
             is_result=item.is_result,
-        ))
+        )).first() is not None and notes:
+            log.warning("series %s: stored as received, with %d oddities in its header: %s",
+                        item.series_uid, len(notes), "; ".join(notes))
     is_new = connection.execute(statements.insert_instance, dict(
         sop_instance_uid=item.sop_uid, series_instance_uid=item.series_uid,
         sop_class_uid=item.sop_class_uid, transfer_syntax_uid=item.transfer_syntax_uid,
@@ -164,15 +239,18 @@ def record_instance(connection: Session | Connection, item: ReceivedInstance, no
 
 
 def _text(dataset: Dataset, keyword: str, limit: int) -> str | None:
-    value = dataset.get(keyword)
-    if value is None or value == "":
+    try:
+        value = dataset.get(keyword)
+        if value is None or value == "" or isinstance(value, (bytes, bytearray)):
+            return None
+        return str(value)[:limit]
+    except Exception:  # an unreadable value is stored as NULL (header_notes says so)
         return None
-    return str(value)[:limit]
 
 
 def _int(dataset: Dataset, keyword: str) -> int | None:
     try:
         value = dataset.get(keyword)
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except Exception:
         return None

@@ -1,7 +1,10 @@
 """Files on disk: where an instance or a result lives, and how it is written durably.
 
 Paths are built only from UIDs that passed ``check_uid`` (digits and dots, at most 64
-characters), so a hostile UID such as "../../etc" can never pick a path.
+characters), so a hostile UID such as "../../etc" can never pick a path. Such a UID may still
+break the standard's other rule (no leading zero in a component, "1.2.03"): old archives hold
+them, so they are stored (``is_storable_uid``); results cannot reference them (``is_valid_uid``,
+checked before inference).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 
 SPARE_INCOMING_FILES = 4
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
+_STORABLE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # safe in a path: digits and dots only
 INCOMING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")  # never "." or ".."
 
 
@@ -30,11 +34,17 @@ class DiskFullError(StorageError):
 
 
 def is_valid_uid(value: object) -> bool:
+    """A UID as the standard defines it (what a result may reference)."""
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID.match(value))
 
 
+def is_storable_uid(value: object) -> bool:
+    """Digits and dots, at most 64 characters: safe to name a file, leading zeros allowed."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_STORABLE_UID.match(value))
+
+
 def check_uid(value: object, name: str) -> str:
-    if not is_valid_uid(value):
+    if not is_storable_uid(value):
         shown = repr(value)[:80]
         raise ValueError(f"{name} {shown} is not a valid UID (digits and dots, at most 64 characters)")
     return value  # type: ignore[return-value]

@@ -67,7 +67,7 @@ def test_resent_instance_is_idempotent(node_factory, tmp_path):
     assert rows(node, "select count(*) from instance") == [(1,)]
 
 
-@pytest.mark.parametrize("bad_uid", ["1.2.3.abc", "1.2.03", "../../etc/passwd"])
+@pytest.mark.parametrize("bad_uid", ["1.2.3.abc", "1.2.3.", "../../etc/passwd"])
 def test_instance_with_a_malformed_uid_is_refused_with_a_reason(node_factory, tmp_path, bad_uid):
     node = node_factory()
     dataset = write_tiny_ct(tmp_path / "bad.dcm")
@@ -78,6 +78,45 @@ def test_instance_with_a_malformed_uid_is_refused_with_a_reason(node_factory, tm
     assert rows(node, "select count(*) from instance") == [(0,)]
     assert "SeriesInstanceUID is not a valid UID" in node.log()
     assert not list((node.workdir / "storage" / "instances").rglob("*.dcm"))
+
+
+def test_what_a_tolerant_reader_skips_never_costs_an_instance(node_factory, tmp_path):
+    """Issue 18: a Philips CT's private FD of 4 bytes, a UID with a leading zero, no Modality
+    and no PatientID: stored as received, indexed with NULLs, each oddity said once per series."""
+    import json
+    import struct
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    node = node_factory()
+    series = make_ct_series(tmp_path / "ct", shape=(4, 16, 16), seed="sloppy")
+    for path in series.paths:
+        dataset = dcmread(path)
+        dataset.add_new((0x01F1, 0x0010), "LO", "ELSCINT1")  # pydicom's private dictionary: (01F1,xx26) FD
+        dataset.add_new((0x01F1, 0x1026), "UN", struct.pack("<f", 1.5))  # 4 bytes, written implicit below
+        dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.01"
+        del dataset.Modality, dataset.PatientID
+        dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        dataset.save_as(path, enforce_file_format=True)
+    sent = {p.name: p.read_bytes() for p in series.paths}
+
+    assert not storescu_failures(storescu("127.0.0.1", node.port, tmp_path / "ct", NODE_AE))
+    stored = rows(node, "select sop_instance_uid, path from instance")
+    assert len(stored) == 4
+    for _, path in stored:  # the data set exactly as sent (the node writes its own file meta)
+        kept = dcmread(node.workdir / "storage" / path)
+        assert kept.get_item(0x01F11026).value == struct.pack("<f", 1.5)  # raw: not converted
+    [(modality, notes)] = rows(node, "select modality, header_notes from series")
+    notes = json.loads(notes)
+    assert modality is None
+    assert any("(01F1,1026) holds 4 bytes" in note for note in notes), notes
+    assert any(note.startswith("Modality (Type 1) is missing") for note in notes)
+    assert any(note.startswith("PatientID (Type 2) is missing") for note in notes)
+    assert any(note.startswith("SeriesInstanceUID is not a valid DICOM UID") for note in notes)
+    assert rows(node, "select patient_id from study") == [(None,)]
+    assert node.log().count("oddities in its header") == 1  # once per series, not per instance
+    assert "unexpected error" not in node.log()
+    assert len(sent) == 4
 
 
 def test_full_disk_gives_out_of_resources(node_factory, tmp_path):

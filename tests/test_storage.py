@@ -14,12 +14,18 @@ def test_valid_uids(uid):
     assert is_valid_uid(uid)
 
 
-@pytest.mark.parametrize("uid", ["", "../../etc/passwd", "1.2.03", "1..2", "1.2.", "1.2.3/4", "1.2.a",
+@pytest.mark.parametrize("uid", ["", "../../etc/passwd", "1..2", "1.2.", "1.2.3/4", "1.2.a", ".1", "1.2.3 ",
                                  "1." + "2" * 64, None, 12])
 def test_invalid_uids_never_make_a_path(tmp_path, uid):
     assert not is_valid_uid(uid)
     with pytest.raises(ValueError):
         Storage(tmp_path).instance_path("1.2.3", uid, "1.2.3.4")
+
+
+def test_a_uid_with_a_leading_zero_is_stored_but_is_not_valid_for_results(tmp_path):
+    # old archives hold such UIDs; digits and dots are safe in a path (issue 18)
+    assert not is_valid_uid("1.2.03")
+    assert Storage(tmp_path).instance_path("1.2.3", "1.2.03", "1.2.3.4") == "instances/1.2.3/1.2.03/1.2.3.4.dcm"
 
 
 def test_check_uid_message_names_the_attribute():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer,
+from sqlalchemy import (JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Index, Integer, false,
                         String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -62,6 +62,9 @@ class Series(Base):
     attributes: Mapped[dict] = mapped_column(JSON, default=dict)
     # set on series the node wrote itself, so results are never routed back into a model
     is_result: Mapped[bool] = mapped_column(default=False)
+    # what the index could not read or found missing in the first header, one sentence each
+    # (migration 0012); the instances are stored as received all the same
+    header_notes: Mapped[list | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list["Instance"]] = relationship(back_populates="series")
@@ -151,6 +154,13 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     # the process running it (NodeProcess.name, migration 0010): only a dead process's jobs are taken back
     claimed_by: Mapped[str | None] = mapped_column(String(200))
+    # migration 0012: the repairs the fitness check made to its input before inference
+    # (jobs/fitness.py), where a failed job stopped ("input": refused before inference,
+    # "inference", "encoding": after inference, a bug), and whether a job that ends without a
+    # result sends its destinations a notice (its rule's no_result_notice)
+    input_notes: Mapped[list | None] = mapped_column(JSON)
+    failed_step: Mapped[str | None] = mapped_column(String(16))
+    no_result_notice: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     results: Mapped[list["ResultObject"]] = relationship(back_populates="job", order_by="ResultObject.id")
     quality_checks: Mapped[list["QualityCheck"]] = relationship(order_by="QualityCheck.id")

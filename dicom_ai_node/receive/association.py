@@ -23,7 +23,7 @@ from dicom_ai_node.receive.commands import (
     encode_response,
 )
 from dicom_ai_node.receive.incoming import IncomingInstance, file_meta
-from dicom_ai_node.storage import is_valid_uid
+from dicom_ai_node.storage import is_storable_uid
 
 if TYPE_CHECKING:
     from dicom_ai_node.receive.listener import Connection
@@ -180,7 +180,7 @@ class Association:
         self._command_bytes = bytearray()
         if command.has_data_set:
             self._command, self._command_context = command, context
-            if command.command_field == C_STORE_RQ and is_valid_uid(command.affected_sop_instance_uid):
+            if command.command_field == C_STORE_RQ and is_storable_uid(command.affected_sop_instance_uid):
                 # a request without its SOP Class UID is refused once the data set is in (they differ);
                 # one whose SOP Instance UID is no UID gets no file: its data set is read and dropped
                 self._instance = IncomingInstance(self.scp.storage, file_meta(

@@ -36,7 +36,7 @@ from dicom_ai_node.receive.scp import (
     Expected,
     StorageSCP,
 )
-from dicom_ai_node.storage import is_valid_uid
+from dicom_ai_node.storage import is_storable_uid, is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class MultipartReceiver:
         except Exception as error:  # any undecodable meta is the part's failure, never the request's
             return self._fail(part, CANNOT_UNDERSTAND, f"unreadable file meta: {error}")
         part.expected = Expected(sop_instance, sop_class, "file meta's Media Storage", self.study_uid)
-        if not (is_valid_uid(sop_instance) and is_valid_uid(sop_class) and is_valid_uid(syntax)):
+        if not (is_storable_uid(sop_instance) and is_storable_uid(sop_class) and is_valid_uid(syntax)):
             return self._fail(part, CANNOT_UNDERSTAND, "file meta without valid SOP Class, SOP Instance "
                                                        "and Transfer Syntax UIDs")
         part.transfer_syntax = syntax

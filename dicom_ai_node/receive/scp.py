@@ -30,7 +30,7 @@ from dicom_ai_node.receive.commands import Command
 from dicom_ai_node.receive.incoming import IncomingInstance
 from dicom_ai_node.receive.index_writer import IndexWriter
 from dicom_ai_node.receive.listener import Connection, ConnectionLimits, Listener
-from dicom_ai_node.storage import DiskFullError, Storage, StorageError, is_valid_uid
+from dicom_ai_node.storage import DiskFullError, Storage, StorageError, is_storable_uid
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,6 @@ def _uid(dataset: Dataset, keyword: str) -> str:
     value = str(value).strip().rstrip("\x00") if value is not None else ""
     if not value:
         raise _Refused(DATASET_DOES_NOT_MATCH, f"{keyword} is missing or empty")
-    if not is_valid_uid(value):
+    if not is_storable_uid(value):  # leading zeros are stored (results cannot use them: jobs/fitness.py)
         raise _Refused(DATASET_DOES_NOT_MATCH, f"{keyword} is not a valid UID")
     return value

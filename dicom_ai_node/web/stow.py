@@ -31,7 +31,7 @@ from dicom_ai_node.receive.multipart import (
     multipart_boundary,
 )
 from dicom_ai_node.receive.scp import SUCCESS
-from dicom_ai_node.storage import is_valid_uid
+from dicom_ai_node.storage import is_storable_uid
 from dicom_ai_node.web.auth import context, principal
 from dicom_ai_node.web.users import Principal
 
@@ -81,7 +81,7 @@ async def store_instances(request: Request, who: Annotated[Principal, Depends(st
 @router.post("/dicom-web/studies/{study_uid}", summary="STOW-RS: store instances of this study")
 async def store_study_instances(request: Request, study_uid: str,
                                 who: Annotated[Principal, Depends(stow_sender)]):
-    if not is_valid_uid(study_uid):
+    if not is_storable_uid(study_uid):
         raise HTTPException(400, "the study in the URL is not a valid UID")
     return await _stow(request, who, study_uid)
 
