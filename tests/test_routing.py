@@ -70,9 +70,23 @@ def test_equals_held_and_failed_with_reasons():
     assert matched
     assert reason == "series 1.2.3 (CT 'Thorax', 10 instances): matched: Modality equals 'CT': held (value 'CT')"
 
-    matched, reason = check_one({"tag": "Modality", "equals": "CT"}, {"Modality": "ct"})  # case-sensitive
+    matched, reason = check_one({"tag": "Modality", "equals": "CT"}, {"Modality": "MR"})
     assert not matched
-    assert reason.endswith("no match: Modality equals 'CT': failed (value 'ct')")
+    assert reason.endswith("no match: Modality equals 'CT': failed (value 'MR')")
+
+
+def test_code_strings_compare_without_case_and_surrounding_spaces_other_text_exactly():
+    # real headers: "Chest", "chest " (issue 18); CS is BodyPartExamined's and Modality's VR
+    rule = {"tag": "BodyPartExamined", "one_of": ["CHEST", "LUNG"]}
+    for value in ("CHEST", "Chest", "chest ", " lung"):
+        assert check_one(rule, {"BodyPartExamined": value})[0], value
+    assert not check_one(rule, {"BodyPartExamined": "ABDOMEN"})[0]
+    assert not check_one(rule, {"BodyPartExamined": "CHEST ABDOMEN"})[0]  # only surrounding spaces go
+    assert check_one({"tag": "Modality", "equals": "CT"}, {"Modality": "ct"})[0]
+    assert check_one({"tag": "0018,0015", "equals": "CHEST"}, {"BodyPartExamined": "chest"})[0]
+    # LO is compared exactly: a rule asks for case-insensitive text with a regex "(?i)"
+    assert not check_one({"tag": "StudyDescription", "equals": "Chest"}, {"StudyDescription": "chest"})[0]
+    assert check_one({"tag": "StudyDescription", "regex": "(?i)^chest$"}, {"StudyDescription": "CHEST"})[0]
 
 
 def test_equals_compares_numbers_numerically_including_numeric_text():
@@ -295,7 +309,7 @@ def test_evaluation_order_priority_desc_then_name_and_disabled_rule():
     assert json.loads(json.dumps(off.to_json()))["reasons"] == ["disabled"]
     assert set(decisions[1].to_json()) == {
         "rule_name", "priority", "matched", "selected_series", "models", "destinations", "quiet_period_s", "qc_fail",
-        "reasons", "priors", "source",
+        "reasons", "priors", "source", "no_result_notice",
     }
 
 
@@ -358,7 +372,7 @@ def test_all_problems_are_listed_at_once():
     ]
     assert problems_of(data, "config.toml") == [
         "config.toml: rules[0] (a).enabeld: unknown key 'enabeld' (expected one of name, priority, enabled, models, "
-        "destinations, quiet_period_s, qc_fail, when, series, priors, source)",
+        "destinations, quiet_period_s, qc_fail, no_result_notice, when, series, priors, source)",
         "config.toml: rules[0] (a).priority: expected an integer, got a string 'high'",
         "config.toml: rules[0] (a).models: expected a non-empty list of model names, got a string 'seg'",
         "config.toml: rules[0] (a).when.equals: expected a string or number, got a boolean True",

@@ -3,6 +3,11 @@
 `regex` is RE2 syntax, compiled only by patterns.compile_pattern (linear-time matching: no rule
 text can make evaluation hang).
 
+`equals` and `one_of` compare code strings (VR CS: Modality, BodyPartExamined, ImageType, ...)
+without regard to case and surrounding spaces, because real headers are not upper case: the
+rule's "CHEST" matches "Chest" and "chest ". Other text compares exactly; a regex can ask for
+case-insensitive matching itself with "(?i)".
+
 Each condition explains its outcome, because admins read the reasons to learn why a study got,
 or did not get, a model. An Outcome carries the path to the deciding node ("all[1].any") and
 a body ("Modality equals 'CT': held (value 'CT')"); `str(outcome)` joins them.
@@ -14,7 +19,7 @@ import difflib
 import re
 from dataclasses import dataclass, field
 
-from pydicom.datadict import keyword_dict, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_for_keyword
 
 from .facts import as_number, as_values, describe_value, is_empty, show_value
 from .patterns import PatternError, compile_pattern
@@ -103,18 +108,31 @@ class TagCondition:
         if self.operator == "regex":
             return self.pattern.search(str(value)) is not None
         candidates = self.operand if self.operator == "one_of" else (self.operand,)
-        return any(_equal(value, candidate) for candidate in candidates)
+        code_string = self.is_code_string()
+        return any(_equal(value, candidate, code_string) for candidate in candidates)
+
+    def is_code_string(self) -> bool:
+        """The tag's VR is CS (compared without regard to case and surrounding spaces)."""
+        match = HEX_TAG.match(self.tag)
+        tag = int(match[1] + match[2], 16) if match else tag_for_keyword(self.tag)
+        try:
+            return tag is not None and dictionary_VR(tag) == "CS"
+        except KeyError:  # private or unknown: its VR is not known
+            return False
 
     def to_data(self) -> dict:
         operand = list(self.operand) if self.operator in ("one_of", "range") else self.operand
         return {"tag": self.tag, self.operator: operand}
 
 
-def _equal(value: object, expected: object) -> bool:
-    """Numbers compare numerically (DS/IS text included: "5.0" equals 5); anything else as case-sensitive text."""
+def _equal(value: object, expected: object, code_string: bool = False) -> bool:
+    """Numbers compare numerically (DS/IS text included: "5.0" equals 5); code strings without
+    regard to case and surrounding spaces; anything else as case-sensitive text."""
     if isinstance(expected, (int, float)) and not isinstance(expected, bool):
         number = as_number(value)
         return number is not None and number == expected
+    if code_string:
+        return str(value).strip().upper() == str(expected).strip().upper()
     return str(value) == expected
 
 
