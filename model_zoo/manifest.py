@@ -19,6 +19,8 @@ Example (see model_zoo/lung_ct_seg/model.toml for a full one)::
     modality = ["CT"]
     min_slices = 16
     spacing_mm = [0.3, 8.0]          # allowed range of every voxel spacing
+    slice_spacing_mm = [0.3, 10.0]   # optional: the range between slices instead (default spacing_mm,
+                                     # which then applies in-plane only)
     body_part = ["CHEST", "LUNG"]    # optional; checked only when the series has BodyPartExamined
     required_attributes = ["RescaleSlope"]
 
@@ -121,6 +123,8 @@ class InputSpec:
     modality: tuple[str, ...]
     min_slices: int = 1
     spacing_mm: tuple[float, float] = (0.0, 1e9)
+    # between slices, when it differs from spacing_mm (which then is the in-plane range); None: spacing_mm
+    slice_spacing_mm: tuple[float, float] | None = None
     body_part: tuple[str, ...] = ()
     required_attributes: tuple[str, ...] = ()
 
@@ -313,6 +317,7 @@ def load_manifest(path: str | Path) -> Manifest:
         modality=read.strings(raw_input, "modality", "input", required=True),
         min_slices=read.get(raw_input, "min_slices", "input", int, required=False, default=1),
         spacing_mm=read.bounds(raw_input, "spacing_mm", "input", "mm", required=False, default=[0.0, 1e9]),
+        slice_spacing_mm=read.bounds(raw_input, "slice_spacing_mm", "input", "mm", required=False),
         body_part=tuple(s.upper() for s in read.strings(raw_input, "body_part", "input")),
         required_attributes=read.strings(raw_input, "required_attributes", "input"),
     )

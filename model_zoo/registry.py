@@ -107,10 +107,12 @@ def clear_cache() -> None:
 
 
 def check_input(manifest: Manifest, attributes: dict, slice_count: int,
-                spacing: tuple[float, float, float] | None) -> list[str]:
+                spacing: tuple[float, float, float] | None, present: Iterable[str] = ()) -> list[str]:
     """Why a series does not fit the manifest's [input], as sentences for the job log; [] when it fits.
 
-    ``attributes`` are series-level header values by keyword (Modality, BodyPartExamined, ...).
+    ``attributes`` are series-level header values by keyword (Modality, BodyPartExamined, ...)
+    that every file shares; ``present``: keywords every file has a value for, shared or not
+    (a required attribute may differ per file, e.g. RescaleIntercept).
     """
     spec = manifest.input
     reasons = []
@@ -122,18 +124,27 @@ def check_input(manifest: Manifest, attributes: dict, slice_count: int,
     if slice_count < spec.min_slices:
         reasons.append(f"{slice_count} slices; {manifest.name} needs at least {spec.min_slices}")
     low, high = spec.spacing_mm
+    # spacing is (between slices, rows, columns); slice_spacing_mm, when set, replaces spacing_mm for the first
+    slice_low, slice_high = spec.slice_spacing_mm or spec.spacing_mm
     if spacing is None:
         reasons.append("the voxel spacing is unknown (no consistent slice geometry)")
     else:
-        bad = [s for s in spacing if not (isinstance(s, (int, float)) and math.isfinite(s) and low <= s <= high)]
+        ranges = [(slice_low, slice_high)] + [(low, high)] * (len(spacing) - 1)
+        bad = [s for s, (lo, hi) in zip(spacing, ranges)
+               if not (isinstance(s, (int, float)) and math.isfinite(s) and lo <= s <= hi)]
         if bad:
             shown = " x ".join(f"{s:g}" for s in spacing)
-            reasons.append(f"voxel spacing {shown} mm is outside {low:g}..{high:g} mm")
+            allowed = (f"{low:g}..{high:g} mm" if (slice_low, slice_high) == (low, high) else
+                       f"{slice_low:g}..{slice_high:g} mm between slices and {low:g}..{high:g} mm in-plane")
+            reasons.append(f"voxel spacing {shown} mm is outside {allowed}")
     body_part = str(attributes.get("BodyPartExamined") or "").strip().upper()
     if spec.body_part and body_part and body_part not in spec.body_part:
         reasons.append(f"body part {body_part} is not one of {', '.join(spec.body_part)}")
+    present = set(present)
     for keyword in spec.required_attributes:
         value = attributes.get(keyword)
+        if keyword in present:
+            continue
         if value is None or (isinstance(value, str) and not value.strip()):
             reasons.append(f"required attribute {keyword} is missing")
     return reasons

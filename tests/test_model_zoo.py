@@ -130,12 +130,48 @@ def test_check_input():
     assert check_input(manifest, good, 200, (1.0, 0.7, 0.7)) == []
     assert check_input(manifest, {**good, "BodyPartExamined": ""}, 200, (1.0, 0.7, 0.7)) == []
 
-    reasons = check_input(manifest, {"Modality": "MR", "BodyPartExamined": "HEAD"}, 5, (10.0, 0.7, 0.7))
+    reasons = check_input(manifest, {"Modality": "MR", "BodyPartExamined": "HEAD"}, 5, (12.0, 0.7, 0.7))
     text = " | ".join(reasons)
     assert len(reasons) == 6, reasons
-    assert "modality MR" in text and "5 slices" in text and "10 x 0.7 x 0.7" in text
+    assert "modality MR" in text and "5 slices" in text and "12 x 0.7 x 0.7" in text
     assert "body part HEAD" in text and "RescaleSlope" in text and "RescaleIntercept" in text
     assert "spacing is unknown" in " ".join(check_input(manifest, good, 200, None))
+
+
+def test_slice_spacing_has_its_own_range_when_declared(tmp_path):
+    """[input] slice_spacing_mm bounds the spacing between slices; spacing_mm then bounds the
+    in-plane pixels only. Without it spacing_mm bounds all three, as before."""
+    good = {"Modality": "CT"}
+    path = tmp_path / "model.toml"
+    path.write_text(dummy_toml() + "spacing_mm = [0.3, 6.0]\n")
+    every_axis = load_manifest(path)
+    assert every_axis.input.slice_spacing_mm is None
+    assert check_input(every_axis, good, 30, (8.0, 0.7, 0.7)) == ["voxel spacing 8 x 0.7 x 0.7 mm is outside 0.3..6 mm"]
+
+    path.write_text(dummy_toml() + "spacing_mm = [0.3, 6.0]\nslice_spacing_mm = [0.3, 10]\n")
+    thick = load_manifest(path)
+    assert thick.input.slice_spacing_mm == (0.3, 10.0)
+    assert check_input(thick, good, 30, (8.0, 0.65, 0.65)) == []
+    assert check_input(thick, good, 30, (10.0, 0.7, 0.7)) == []
+    for refused in ((10.5, 0.7, 0.7), (0.2, 0.7, 0.7), (3.0, 7.0, 7.0), (3.0, 0.7, 0.2)):
+        assert check_input(thick, good, 30, refused) == [
+            f"voxel spacing {' x '.join(f'{s:g}' for s in refused)} mm is outside 0.3..10 mm between slices "
+            f"and 0.3..6 mm in-plane"], refused
+
+    for bad in ("[10, 0.3]", "[0.3]", '"10"', "[0.3, true]"):
+        path.write_text(dummy_toml() + f"slice_spacing_mm = {bad}\n")
+        with pytest.raises(ManifestError, match=r"input\.slice_spacing_mm: must be"):
+            load_manifest(path)
+
+
+def test_bundled_lung_model_takes_thick_slices_but_not_coarse_pixels():
+    """8-10 mm slices are accepted (MODEL_CARD.md, "Thick slices"); the in-plane range is unchanged."""
+    manifest = find_manifests()["lung_ct_seg"]
+    good = {"Modality": "CT", "BodyPartExamined": "CHEST", "RescaleSlope": 1, "RescaleIntercept": -1024}
+    assert check_input(manifest, good, 30, (8.0, 0.65, 0.65)) == []
+    assert check_input(manifest, good, 30, (10.0, 0.98, 0.98)) == []
+    assert len(check_input(manifest, good, 30, (12.0, 0.7, 0.7))) == 1
+    assert len(check_input(manifest, good, 100, (3.0, 7.0, 7.0))) == 1
 
 
 def test_manifest_refuses_a_code_meaning_longer_than_dicom_allows(tmp_path):

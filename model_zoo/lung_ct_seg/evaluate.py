@@ -1,7 +1,7 @@
 """The lung model on every real chest CT case, and on field-of-view stress crops of each.
 
     .venv/bin/python -m model_zoo.lung_ct_seg.evaluate [--data ../shared/data] [--speed]
-        [--weights PATH] [--cases NAME ...]
+        [--weights PATH] [--cases NAME ...] [--thick [MM ...]]
 
 One line per case and per crop (data.CASES, data.STRESS_CROPS): Dice against the case's
 reference and the volume error. Every case is segmented by a model that never saw its patient:
@@ -12,6 +12,11 @@ cases instead (development). The LIDC slice also gets lungmask R231's published 
 A crop left with fewer slices than the model accepts (model.toml min_slices) is reported
 as such, not run. Each line also has the node's own verdict on the result: model.toml [qc]
 through model_zoo.quality, as the runner checks it before anything is delivered.
+
+``--thick`` runs the thick-slice section instead of the crops: every case (not the one-slice
+LIDC case) at its native spacing and as a thick reconstruction of each thickness (default
+THICK_SLICES_MM), with its reference thickened the same way (``thicken``), the same weights.
+A thick case with fewer slices than min_slices is run anyway and marked: the node would refuse it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from model_zoo.quality import check_output, failures
 HERE = Path(__file__).resolve().parent
 LUNGMASK_R231_PIXELS_PER_SLICE = (64752 + 36536) / 2  # lungmask tests/test_mask.py, two identical slices
 IN_PLANE_CROPS_ONLY = {"lidc_slice"}  # one slice stacked: cutting slices off means nothing
+THICK_SLICES_MM = (5.0, 6.0, 8.0, 10.0)
+NO_THICK = {"lidc_slice": "one slice stacked 24 times: every thick slice of it is that same slice"}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -92,6 +99,72 @@ def evaluate_case(model, name: str, data: Path, min_slices: int) -> list[dict]:
                            if crop == "full" else "")
         rows.append(row)
     return rows
+
+
+def thicken(pixels: np.ndarray, reference: np.ndarray, slice_mm: float, thickness: float):
+    """What a scanner's thick reconstruction of this scan gives: each thick slice is the mean of
+    the native slices over a slab of ``thickness`` mm, slabs side by side (slice spacing =
+    thickness, no overlap) from the first slice on; an incomplete last slab is dropped. A native
+    slice that straddles a slab border counts with the share of it inside the slab, so the
+    thickness is exact even when it is not a multiple of the native spacing (when it is, a slab
+    is simply the mean of round(thickness / native) whole slices). The thick reference is lung
+    where at least half of the slab is lung in the native reference.
+    Returns (thick HU, thick reference)."""
+    n = pixels.shape[0]
+    count = int(n * slice_mm / thickness + 1e-6)
+    edges = np.arange(n + 1) * slice_mm  # native slice k covers edges[k]..edges[k + 1] mm
+    image = np.empty((count, *pixels.shape[1:]), np.float32)
+    truth = np.empty((count, *pixels.shape[1:]), bool)
+    for k in range(count):
+        low, high = k * thickness, (k + 1) * thickness
+        share = np.clip(np.minimum(edges[1:], high) - np.maximum(edges[:-1], low), 0, None) / thickness
+        used = np.flatnonzero(share > 1e-6)
+        image[k] = np.tensordot(share[used], pixels[used].astype(np.float32), axes=1)
+        truth[k] = np.tensordot(share[used], reference[used].astype(np.float32), axes=1) >= 0.5 - 1e-6
+    return image, truth
+
+
+def evaluate_thick(model, name: str, data: Path, min_slices: int, thicknesses) -> list[dict]:
+    """One row for the case at its native spacing, then one per thickness (``thicken``)."""
+    pixels, spacing, reference = load_case(name, data)
+    rows = []
+    for thickness in (None, *thicknesses):
+        if thickness is None:
+            image, truth, grid = pixels, reference, tuple(spacing)
+        else:
+            image, truth = thicken(pixels, reference, spacing[0], thickness)
+            grid = (thickness, *spacing[1:])
+        voxel_ml = float(np.prod(grid)) / 1000
+        row = {"case": name, "thickness": "native" if thickness is None else f"{thickness:g} mm",
+               "spacing": grid, "shape": image.shape, "reference_ml": truth.sum() * voxel_ml}
+        if image.shape[0] < min_slices:
+            # the node refuses such a series (model.toml min_slices); run it anyway to show what it would give
+            row["note"] = f"{image.shape[0]} slices < min_slices {min_slices}: refused by the node; run anyway"
+        volume = volume_from_array(np.ascontiguousarray(image), grid)
+        started = time.perf_counter()
+        output = model.predict(volume)
+        mask = output.segments[0].mask
+        row.update(seconds=time.perf_counter() - started, dice=dice(mask, truth), predicted_ml=mask.sum() * voxel_ml,
+                   qc=failures(check_output(model.manifest, output, volume.voxel_volume_ml)))
+        row["volume_error_pct"] = (100 * (row["predicted_ml"] - row["reference_ml"]) / row["reference_ml"]
+                                   if row["reference_ml"] else float("nan"))
+        rows.append(row)
+    return rows
+
+
+def thick_markdown(rows: list[dict], weights_of: dict[str, str]) -> str:
+    lines = ["| case | thickness | weights | spacing mm (slice x row x col) | slices x rows x cols | reference mL "
+             "| predicted mL | volume error | Dice | node's [qc] | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        spacing = " x ".join(f"{s:.2f}" for s in row["spacing"])
+        shape = " x ".join(str(n) for n in row["shape"])
+        flag = "" if row["dice"] >= 0.95 else " **(< 0.95)**"
+        note = f" ({row['note']})" if row.get("note") else ""
+        lines.append(f"| {row['case']} | {row['thickness']} | {weights_of[row['case']]} | {spacing} | {shape} | "
+                     f"{row['reference_ml']:.0f} | {row['predicted_ml']:.0f} | {row['volume_error_pct']:+.1f} % | "
+                     f"{row['dice']:.3f}{flag}{note} | {'; '.join(row['qc']) or 'pass'} | {row['seconds']:.1f} |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict], weights_of: dict[str, str]) -> str:
@@ -158,6 +231,9 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="*", default=[case.name for case in CASES])
     parser.add_argument("--speed", action="store_true", help="also time a 400-slice 512x512 CT")
     parser.add_argument("--pictures", type=Path, help="write a PNG of each classical reference into this folder")
+    parser.add_argument("--thick", type=float, nargs="*", metavar="MM",
+                        help="instead of the crops: each case at its native spacing and as thick slices of "
+                             f"these thicknesses (default {' '.join(f'{t:g}' for t in THICK_SLICES_MM)})")
     args = parser.parse_args(argv)
     if args.pictures:
         args.pictures.mkdir(parents=True, exist_ok=True)
@@ -173,13 +249,22 @@ def main(argv=None):
         if weights not in models:
             models[weights] = model_with(weights)
         weights_of[case.name] = weights.name
-        for row in evaluate_case(models[weights], case.name, args.data, min_slices):
+        if args.thick is not None:
+            if case.name in NO_THICK:
+                print(f"{case.name:20s} skipped: {NO_THICK[case.name]}", flush=True)
+                continue
+            found = evaluate_thick(models[weights], case.name, args.data, min_slices, args.thick or THICK_SLICES_MM)
+        else:
+            found = evaluate_case(models[weights], case.name, args.data, min_slices)
+        for row in found:
             rows.append(row)
             score = (f"Dice {row['dice']:.3f}, {row['volume_error_pct']:+.1f} %, qc {'FAIL' if row['qc'] else 'pass'}"
                      if "dice" in row else row["note"])
-            print(f"{row['case']:20s} {row['crop']:11s} {score}", flush=True)
+            if "dice" in row and row.get("thickness") and row.get("note"):
+                score += f" ({row['note']})"
+            print(f"{row['case']:20s} {row.get('crop') or row['thickness']:11s} {score}", flush=True)
     print()
-    print(markdown(rows, weights_of))
+    print(thick_markdown(rows, weights_of) if args.thick is not None else markdown(rows, weights_of))
     if args.speed:
         print(f"\nspeed: {speed(model_with(HERE / 'weights.pt'))}")
 
