@@ -59,7 +59,7 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
         count = session.scalar(select(func.count()).where(Instance.series_instance_uid == item.series_instance_uid))
         entry = {"series_instance_uid": item.series_instance_uid, "number": item.series_number,
                  "modality": item.modality, "description": item.series_description,
-                 "instances": count, "is_result": item.is_result}
+                 "instances": count, "is_result": item.is_result, "header_notes": item.header_notes or []}
         if with_instances:
             instances = session.scalars(select(Instance).where(
                 Instance.series_instance_uid == item.series_instance_uid)
@@ -90,6 +90,7 @@ def study_detail(session: Session, study_uid: str, with_instances: bool = False)
             "id": job.id, "model": job.model_name, "model_version": job.model_version,
             "rule": job.rule_name, "series_instance_uid": job.series_instance_uid,
             "state": job.state.value, "reason": job.reason, "attempts": job.attempts,
+            "failed_step": job.failed_step, "input_notes": job.input_notes or [],
             "timings": job.timings, "created_at": job.created_at, "finished_at": job.finished_at,
             "qc_policy": job.qc_policy, "quality_checks": quality_checks_json(job.quality_checks),
             "prior": prior_of_job.get(job.id),
@@ -130,6 +131,8 @@ def format_study(detail: dict) -> str:
     for series in detail["series"]:
         lines.append(f"  #{series['number'] if series['number'] is not None else '-':<5} {series['modality'] or '':4} "
                      f"{series['instances']:>5} inst  {series['description'] or ''}  ({series['series_instance_uid']})")
+        for note in series["header_notes"]:
+            lines.append(f"      header: {note}")
     lines.append("Routing decisions:")
     if not detail["decisions"]:
         lines.append("  (none yet: the study is not complete)")
@@ -147,7 +150,11 @@ def format_study(detail: dict) -> str:
         lines.append(f"  job {job['id']}: {job['model']} {job['model_version'] or ''} [{job['state']}] "
                      f"rule {job['rule']}  {timing}")
         if job["reason"]:
-            lines.append(f"      reason: {job['reason']}")
+            step = {"input": " (refused before inference)", "inference": " (in inference)",
+                    "quality": " (in the quality checks)", "encoding": " (after inference)"}.get(job["failed_step"], "")
+            lines.append(f"      reason{step}: {job['reason']}")
+        for note in job["input_notes"]:
+            lines.append(f"      input repaired: {note}")
         if job["quality_checks"]:
             lines.append(f"      quality checks (on failure: {job['qc_policy']}):")
         for check in job["quality_checks"]:

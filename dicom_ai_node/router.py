@@ -167,6 +167,7 @@ class Router:
                                 reason=f"more instances arrived ({len(sop_uids)} now); replaced by a newer job"))
         job = Job(study_instance_uid=study_uid, series_instance_uid=run.series_uid, model_name=run.model,
                   rule_name=run.rule_name, destinations=list(run.destinations), qc_policy=run.qc_fail,
+                  no_result_notice=run.no_result_notice,
                   input_fingerprint=fingerprint, input_count=len(sop_uids), state=JobState.queued)
         session.add(job)
         return job

@@ -197,7 +197,9 @@ def resend_deliveries(session, actor: str, *, job_id: int | None = None, study_u
         state="pending", attempts=0, next_attempt_at=utcnow(), last_error=None, failed_at=None))
     job_ids = select(ResultObject.job_id).join(Delivery, Delivery.result_id == ResultObject.id) \
         .where(Delivery.id.in_(ids))
-    session.execute(update(Job).where(Job.id.in_(job_ids)).values(
+    # a job that ended without a result (its "no result" notice resent) keeps its state and reason
+    session.execute(update(Job).where(Job.id.in_(job_ids), Job.failed_step.is_(None),
+                                      Job.state != JobState.dropped).values(
         state=JobState.delivering, reason=None, finished_at=None))
     audit.record(session, actor, "deliveries.resend", target, deliveries=len(ids), failures=errors)
     return len(ids)

@@ -56,13 +56,15 @@ _NATIVE_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 def read_header(path: str | Path) -> Dataset:
     """The dataset of ``path`` without its pixel data; VolumeError if it is not DICOM.
 
-    Where uncompressed pixel data starts in the file is kept (``native_pixel_data_offset``),
-    so load_series reads the pixels with one read instead of parsing the file again."""
+    Whether it had pixel data is kept (``pixel_data_present``, for the fitness check), and where
+    uncompressed pixel data starts in the file (``native_pixel_data_offset``), so load_series
+    reads the pixels with one read instead of parsing the file again."""
     try:
         header = pydicom.dcmread(str(path), defer_size=_DEFER_BYTES)
     except (InvalidDicomError, OSError, ValueError, EOFError, RecursionError) as error:
         raise VolumeError(f"{Path(path).name} could not be read as a DICOM file: {error}") from None
     header.native_pixel_data_offset = None
+    header.pixel_data_present = PIXEL_DATA in header  # for the fitness check (jobs/fitness.py)
     if PIXEL_DATA in header:
         pixels = header.get_item(PIXEL_DATA, keep_deferred=True)
         del header[PIXEL_DATA]  # results and checks never need it; readers must not load it
@@ -73,10 +75,34 @@ def read_header(path: str | Path) -> Dataset:
     return header
 
 
+@dataclass
+class SeriesPlan:
+    """Everything about a series' volume that its headers decide, before a pixel is read: the
+    frames in volume order and the grid. plan_series makes it (or refuses with VolumeError),
+    read_volume reads the pixels into it; the job's fitness check (jobs/fitness.py) looks at it
+    before anything expensive runs."""
+
+    frames: list[_Frame]
+    headers: dict[str, Dataset]  # path -> header
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    normal: np.ndarray
+    spacing: tuple[float, float, float]  # mm: (between slices, rows, columns)
+    shape: tuple[int, int, int]
+    modality: str
+    attributes: dict  # series-level values every file shares (keyword -> value)
+    present: frozenset[str]  # keywords with a value in every file, shared or not (e.g. RescaleIntercept)
+
+
 def load_series(paths: list[str | Path], headers: list[Dataset] | None = None) -> Volume:
     """Assemble the files of one series into a Volume sorted along the slice normal.
 
     ``headers``: the files' headers when the caller has read them already (same order)."""
+    return read_volume(plan_series(paths, headers))
+
+
+def plan_series(paths: list[str | Path], headers: list[Dataset] | None = None) -> SeriesPlan:
+    """The volume's geometry from the headers alone; VolumeError says why there is none."""
     if not paths:
         raise VolumeError("The series has no files.")
     headers = headers if headers is not None else [read_header(path) for path in paths]
@@ -91,21 +117,35 @@ def load_series(paths: list[str | Path], headers: list[Dataset] | None = None) -
     slice_spacing = _uniform_slice_spacing(frames, normal)
     rows, columns = _common_size(frames)
     pixel_spacing = _common_pixel_spacing(frames)
+    return SeriesPlan(
+        frames=frames,
+        headers={str(path): header for path, header in zip(paths, headers)},
+        row_direction=row_direction,
+        column_direction=column_direction,
+        normal=normal,
+        spacing=(slice_spacing, pixel_spacing[0], pixel_spacing[1]),
+        shape=(len(frames), rows, columns),
+        modality=str(headers[0].get("Modality", "") or "").strip().upper(),
+        attributes=_series_attributes(headers),
+        present=_present_in_all(headers),
+    )
 
-    pixels = np.empty((len(frames), rows, columns), dtype=np.float32)
-    _read_pixels(frames, {str(path): header for path, header in zip(paths, headers)}, pixels)
 
-    first = headers[0]
+def read_volume(plan: SeriesPlan) -> Volume:
+    """Decode the pixels of a planned series (rescale applied) into its Volume."""
+    frames = plan.frames
+    pixels = np.empty(plan.shape, dtype=np.float32)
+    _read_pixels(frames, plan.headers, pixels)
     return Volume(
         pixels=pixels,
         origin=frames[0].position.copy(),
-        row_direction=row_direction,
-        column_direction=column_direction,
-        slice_direction=normal,
-        spacing=(slice_spacing, pixel_spacing[0], pixel_spacing[1]),
+        row_direction=plan.row_direction,
+        column_direction=plan.column_direction,
+        slice_direction=plan.normal,
+        spacing=plan.spacing,
         source_frames=[SourceFrame(f.sop_instance_uid, f.sop_class_uid, f.path, f.frame_number) for f in frames],
-        modality=str(first.get("Modality", "")),
-        attributes=_series_attributes(headers),
+        modality=plan.modality,
+        attributes=plan.attributes,
     )
 
 
@@ -149,8 +189,8 @@ def _frames_of(header: Dataset, path: str) -> list[_Frame]:
         position=_vector(header, "ImagePositionPatient", 3, path),
         orientation=_vector(header, "ImageOrientationPatient", 6, path),
         pixel_spacing=tuple(_vector(header, "PixelSpacing", 2, path)),
-        slope=float(header.get("RescaleSlope", 1) or 1),
-        intercept=float(header.get("RescaleIntercept", 0) or 0),
+        slope=_number(header, "RescaleSlope", 1.0, path),
+        intercept=_number(header, "RescaleIntercept", 0.0, path),
         rows=int(header.Rows),
         columns=int(header.Columns),
     )]
@@ -177,8 +217,8 @@ def _enhanced_frame(header: Dataset, path: str, index: int) -> _Frame:
         position=_vector(group("PlanePositionSequence"), "ImagePositionPatient", 3, where),
         orientation=_vector(group("PlaneOrientationSequence"), "ImageOrientationPatient", 6, where),
         pixel_spacing=tuple(_vector(group("PixelMeasuresSequence"), "PixelSpacing", 2, where)),
-        slope=float(transform.get("RescaleSlope", 1) or 1),
-        intercept=float(transform.get("RescaleIntercept", 0) or 0),
+        slope=_number(transform, "RescaleSlope", 1.0, where),
+        intercept=_number(transform, "RescaleIntercept", 0.0, where),
         rows=int(header.Rows),
         columns=int(header.Columns),
     )
@@ -186,11 +226,31 @@ def _enhanced_frame(header: Dataset, path: str, index: int) -> _Frame:
 
 def _vector(dataset: Dataset, keyword: str, length: int, where: str) -> np.ndarray:
     value = dataset.get(keyword)
-    if value is None or value == "" or len(value) != length:
+    try:
+        if value is None or value == "" or len(value) != length:
+            raise ValueError
+        vector = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
         raise VolumeError(
             f"{Path(where).name} has no valid {keyword}; the image cannot be placed in the patient."
-        )
-    return np.array([float(v) for v in value], dtype=np.float64)
+        ) from None
+    if not np.all(np.isfinite(vector)):
+        raise VolumeError(f"{Path(where).name} has a {keyword} that is not a finite number.")
+    return vector
+
+
+def _number(dataset: Dataset, keyword: str, default: float, where: str) -> float:
+    """A single-valued DS/IS such as RescaleSlope; ``default`` when absent or empty."""
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise VolumeError(f"{Path(where).name} has {keyword} {str(value)[:40]!r}, which is not a number.") from None
+    if not np.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+        raise VolumeError(f"{Path(where).name} has {keyword} {number}, which cannot scale pixel values.")
+    return number
 
 
 # --- geometry checks ----------------------------------------------------------------------
@@ -366,6 +426,27 @@ def _series_attributes(headers: list[Dataset]) -> dict:
         if keyword not in attributes and all(other.get(keyword) == value for other in lifted[1:]):
             attributes[keyword] = value
     return attributes
+
+
+def _present_in_all(headers: list[Dataset]) -> frozenset[str]:
+    """Keywords with a non-empty top-level value in every header (for required attributes that
+    may differ per file, such as RescaleIntercept), plus those every enhanced file's frames all
+    have in their functional groups."""
+    present = None
+    for header in headers:
+        keys = {keyword_for_tag(tag) for tag in header.keys()
+                if not tag.is_private and _has_value(header.get_item(tag, keep_deferred=True))}
+        keys |= set(shared_frame_values(header))
+        present = keys if present is None else present & keys
+    present = present or set()
+    present.discard("")
+    return frozenset(present)
+
+
+def _has_value(item) -> bool:
+    if isinstance(item, RawDataElement):
+        return item.length not in (0, None) and (item.value is None or item.value.strip(b" \x00") != b"")
+    return not item.is_empty
 
 
 def _same_value(header: Dataset, tag, first_raw, value) -> bool:

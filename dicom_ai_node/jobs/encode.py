@@ -31,7 +31,8 @@ def derivation_description(manifest: Manifest) -> str:
 
 def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
                    manifest: Manifest, uid_seed: str,
-                   qc_failures: Sequence[str] = (), prior=None) -> list[tuple[str, Dataset]]:
+                   qc_failures: Sequence[str] = (), prior=None,
+                   input_repairs: Sequence[str] = ()) -> list[tuple[str, Dataset]]:
     """All result objects of one job as (kind, dataset); UIDs derive from ``uid_seed``, so
     encoding the same job again (after a crash) gives the same objects.
 
@@ -41,7 +42,10 @@ def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
 
     ``prior``: the job's PriorInput (priors/inputs.py) when its rule asks for priors: segments
     then carry tracking UIDs that stay the same across the patient's studies, and the SR and key
-    images show the prior (or say why there is none)."""
+    images show the prior (or say why there is none).
+
+    ``input_repairs``: what the fitness check repaired in the source before inference
+    (jobs/fitness.py), one sentence each: the SR lists them, the key images mention them."""
     results: list[tuple[str, Dataset]] = []
     tracking_uids = None
     if prior is not None:
@@ -62,11 +66,15 @@ def encode_results(sources: list[Dataset], volume: Volume, output: ModelOutput,
     if output.segments or output.measurements or output.findings:
         report = build_measurement_report(sources, volume, output, manifest, uid_seed,
                                           SERIES_NUMBER["sr"], segmentation=segmentation,
-                                          qc_failures=qc_failures, tracking_uids=tracking_uids, prior=prior)
+                                          qc_failures=qc_failures, tracking_uids=tracking_uids, prior=prior,
+                                          input_repairs=input_repairs)
         results.append(("sr", report))
     if output.segments or output.saliency is not None:
         for image in build_key_images(sources, volume, output, manifest, uid_seed,
                                       SERIES_NUMBER["key_image"], qc_failures=qc_failures, prior=prior):
+            if input_repairs:
+                image.ImageComments = (f"{image.ImageComments}; input repaired before processing "
+                                       f"({len(input_repairs)} repairs, listed in the SR)")[:10240]
             results.append(("key_image", image))
     if qc_failures:  # the SEG and derived encoders do not know about QC: flag where viewers list series
         for kind, dataset in results:

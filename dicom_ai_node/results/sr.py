@@ -54,6 +54,8 @@ OHIF_ARROW = "Cornerstone3DTools@^0.1.0:ArrowAnnotate"  # a point and its label
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
 PRIVATE_SCHEME = "99DAINODE"  # the node's own codes where DICOM has none (as in the lung manifest)
 COMPARED_WITH_PRIOR = hd.sr.CodedConcept("PRIOR", PRIVATE_SCHEME, "Comparison with prior study")
+INPUT_REPAIRED = hd.sr.CodedConcept("INPUTFIX", PRIVATE_SCHEME, "Input repaired before processing")
+MAX_REPAIRS_LISTED = 10
 # namespace of the tracking UIDs that stay the same across a patient's studies
 LONGITUDINAL_NAMESPACE = uuid.UUID("6f1c9a52-3a43-4c1e-9b0e-2f7f3c1d8a11")
 PROCEDURE_BY_MODALITY = {
@@ -91,6 +93,7 @@ def build_measurement_report(
     qc_failures: Sequence[str] = (),
     tracking_uids: dict[str, str] | None = None,
     prior=None,
+    input_repairs: Sequence[str] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for one job. Pass the SEG built for the same job as ``segmentation``, if any.
 
@@ -103,6 +106,8 @@ def build_measurement_report(
     drawn on the prior's image at the same level, Time Point Context: the prior's date) and the
     change since the prior in the current group; the prior's images are Pertinent Other
     Evidence. Without a prior, the report says "ran without prior: <reason>".
+    ``input_repairs``: what the node repaired in the source before inference (one sentence
+    each, jobs/fitness.py), listed as Qualitative Evaluations so a reader knows.
     """
     source_images = common.sources_in_volume_order(sources, volume)
     algorithm = common.algorithm_sr(manifest)
@@ -180,7 +185,7 @@ def build_measurement_report(
         imaging_measurements=groups,
     )
     evaluations = [*([_prior_statement(prior, output.prior)] if prior is not None else []),
-                   *_qc_findings(qc_failures)]
+                   *_qc_findings(qc_failures), *_repair_statements(input_repairs)]
     if evaluations:  # TID 1500 row 12: one Qualitative Evaluations container
         container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
@@ -296,6 +301,15 @@ def _qc_findings(qc_failures: Sequence[str]) -> list[hd.sr.TextContentItem]:
     return [hd.sr.TextContentItem(name=codes.DCM.QualityFinding, value=f"{common.QC_FAILED}: {reason}",
                                   relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
             for reason in qc_failures]
+
+
+def _repair_statements(input_repairs: Sequence[str]) -> list[hd.sr.TextContentItem]:
+    """One TEXT per repair the fitness check made to the input (at most MAX_REPAIRS_LISTED)."""
+    shown = list(input_repairs[:MAX_REPAIRS_LISTED])
+    if len(input_repairs) > MAX_REPAIRS_LISTED:
+        shown.append(f"and {len(input_repairs) - MAX_REPAIRS_LISTED} more repairs (see the node's job page)")
+    return [hd.sr.TextContentItem(name=INPUT_REPAIRED, value=text[:1024],
+                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS) for text in shown]
 
 
 def segment_key_slice(mask: np.ndarray, key_slices: Sequence[int] = ()) -> int | None:

@@ -23,6 +23,7 @@ class Decision:
     reasons: list[str]  # one line per series (why it met the conditions or not), then the selector's line
     priors: PriorSpec | None = None  # the earlier study its jobs also get, from ``source``
     source: str | None = None
+    no_result_notice: bool = False  # a job without a result tells the destinations why
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,6 +62,7 @@ def _evaluate_rule(rule: Rule, series: list[SeriesFacts]) -> Decision:
         reasons=reasons,
         priors=rule.priors,
         source=rule.source,
+        no_result_notice=rule.no_result_notice,
     )
 
 
@@ -76,6 +78,7 @@ class Run:
     qc_fail: str | None
     priors: PriorSpec | None = None
     source: str | None = None
+    no_result_notice: bool = False
 
 
 def plan(decisions: list[Decision]) -> list[Run]:
@@ -94,5 +97,6 @@ def plan(decisions: list[Decision]) -> list[Run]:
                 if (series_uid, model) not in taken:
                     taken.add((series_uid, model))
                     runs.append(Run(series_uid, model, list(decision.destinations), decision.rule_name,
-                                    decision.qc_fail, decision.priors, decision.source))
+                                    decision.qc_fail, decision.priors, decision.source,
+                                    decision.no_result_notice))
     return runs

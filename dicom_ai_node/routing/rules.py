@@ -11,8 +11,8 @@ from .conditions import Condition, parse_condition
 from .facts import describe_value
 from .selector import ORIENTATIONS, PICKS, SeriesSelector
 
-RULE_KEYS = ("name", "priority", "enabled", "models", "destinations", "quiet_period_s", "qc_fail", "when",
-             "series", "priors", "source")
+RULE_KEYS = ("name", "priority", "enabled", "models", "destinations", "quiet_period_s", "qc_fail",
+             "no_result_notice", "when", "series", "priors", "source")
 REQUIRED_RULE_KEYS = ("name", "priority", "models", "destinations", "when")
 SELECTOR_KEYS = ("orientation", "min_slices", "pick")
 MAX_NAME_LENGTH = 128  # routing_decision.rule_name and job.rule_name are String(128)
@@ -59,6 +59,9 @@ class Rule:
     enabled: bool = True
     quiet_period_s: float | None = None  # overrides the global completion quiet period for matched studies
     qc_fail: str | None = None  # one of QC_FAIL_POLICIES; None: the node's [qc] on_fail
+    # a job that ends without a result (refused, failed, dropped by its checks) sends its
+    # destinations a small "AI result not produced: <reason>" object (results/notice.py)
+    no_result_notice: bool = False
     series: SeriesSelector = field(default_factory=SeriesSelector)
     priors: PriorSpec | None = None
     source: str | None = None  # destination name queried for priors
@@ -201,6 +204,10 @@ def _parse_rule(raw: object, problems: list[tuple[str, str]]) -> Rule | None:
     if qc_fail is not None and qc_fail not in QC_FAIL_POLICIES:
         problems.append(("qc_fail", f"expected one of {' | '.join(QC_FAIL_POLICIES)}, got {describe_value(qc_fail)}"))
 
+    no_result_notice = raw.get("no_result_notice", False)
+    if not isinstance(no_result_notice, bool):
+        problems.append(("no_result_notice", f"expected true or false, got {describe_value(no_result_notice)}"))
+
     when = parse_condition(raw["when"], "when", problems) if "when" in raw else None
     series = _parse_selector(raw.get("series", {}), problems)
     priors = _parse_priors(raw["priors"], problems) if "priors" in raw else None
@@ -223,6 +230,7 @@ def _parse_rule(raw: object, problems: list[tuple[str, str]]) -> Rule | None:
         enabled=enabled,
         quiet_period_s=float(quiet_period_s) if quiet_period_s is not None else None,
         qc_fail=qc_fail,
+        no_result_notice=no_result_notice,
         series=series,
         priors=priors,
         source=source,

@@ -29,6 +29,8 @@ def rules_to_toml(rule_set: RuleSet) -> str:
             lines.append(f"quiet_period_s = {_value(rule.quiet_period_s)}")
         if rule.qc_fail is not None:
             lines.append(f"qc_fail = {_value(rule.qc_fail)}")
+        if rule.no_result_notice:
+            lines.append(f"no_result_notice = {_value(rule.no_result_notice)}")
         if rule.priors is not None:
             pairs = ", ".join(f"{key} = {_value(value)}" for key, value in rule.priors.to_data().items())
             lines.append(f"priors = {{ {pairs} }}")

@@ -40,10 +40,13 @@ def retry_job(session: Session, job_id: int, actor: str) -> str:
     job = _job(session, job_id)
     if job.state not in (JobState.failed, JobState.retracted):
         raise Refused(f"job {job_id} is {job.state.value}; only failed jobs can be retried (and retracted ones)")
-    if job.state == JobState.failed and any(result.retraction_id is None for result in job.results):
+    # a "no result" notice is not a result: a job that only sent one runs again
+    if job.state == JobState.failed and any(result.retraction_id is None and result.kind != "notice"
+                                            for result in job.results):
         resend_deliveries(session, actor, job_id=job_id)
         return "resend"
     job.state, job.reason, job.attempts, job.finished_at = JobState.queued, None, 0, None
+    job.failed_step = None
     audit.record(session, actor, "jobs.retry", f"job {job_id}", model=job.model_name)
     return "run"
 

@@ -24,7 +24,8 @@ def job_json(job: Job) -> dict[str, Any]:
     return {"id": job.id, "study_instance_uid": job.study_instance_uid,
             "series_instance_uid": job.series_instance_uid, "model": job.model_name,
             "model_version": job.model_version, "rule": job.rule_name, "state": job.state.value,
-            "reason": job.reason, "attempts": job.attempts, "timings": job.timings,
+            "reason": job.reason, "failed_step": job.failed_step, "input_notes": job.input_notes or [],
+            "attempts": job.attempts, "timings": job.timings,
             "destinations": job.destinations, "created_at": job.created_at,
             "started_at": job.started_at, "finished_at": job.finished_at,
             "qc_policy": job.qc_policy, "quality_checks": quality_checks_json(job.quality_checks)}
