@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 
 from dicom_ai_node.imaging.functional_groups import shared_frame_values
@@ -114,9 +114,11 @@ def plan_series(paths: list[str | Path], headers: list[Dataset] | None = None) -
     row_direction, column_direction = _common_orientation(frames)
     normal = np.cross(row_direction, column_direction)
     frames.sort(key=lambda frame: float(frame.position @ normal))
-    slice_spacing = _uniform_slice_spacing(frames, normal)
+    # the matrix first: images of another size (a different reconstruction) also sit elsewhere,
+    # and "different sizes" is the reason an admin can act on, not the drift that follows
     rows, columns = _common_size(frames)
     pixel_spacing = _common_pixel_spacing(frames)
+    slice_spacing = _uniform_slice_spacing(frames, normal)
     return SeriesPlan(
         frames=frames,
         headers={str(path): header for path, header in zip(paths, headers)},
@@ -388,6 +390,14 @@ def _stored_frames(path: str, header: Dataset, shape: tuple[int, int]):
                 np.right_shift(stored, unused, out=stored)
             yield stored.reshape(int(header.Rows), int(header.Columns))
             return
+    syntax = header.file_meta.get("TransferSyntaxUID") if "file_meta" in header.__dict__ else None
+    if syntax == DeflatedExplicitVRLittleEndian:
+        # pydicom's iter_pixels reads the file as stored and does not inflate it: read it whole
+        # (the receiver refused any that inflates beyond its limit)
+        dataset = pydicom.dcmread(path)
+        frames = dataset.pixel_array
+        yield from (frames if int(dataset.get("NumberOfFrames", 1) or 1) > 1 else [frames])
+        return
     yield from iter_pixels(path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+from highdicom._standard_utils import get_anatomic_region_map  # (code, paired) per BodyPartExamined
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -101,6 +102,19 @@ def copy_clinical_context(result: Dataset, source: Dataset) -> None:
         value = source.get(keyword)
         if value:
             setattr(result, keyword, value)
+
+
+def add_unknown_laterality(image: Dataset) -> None:
+    """General Series Laterality is Type 2C in an image that is not a SEG: required when the body
+    part is a paired structure (a lung, a kidney; highdicom's table of the standard's body parts
+    says which), or when nobody knows (no body part). Sent empty ("unknown") then; left out for
+    an unpaired body part, where an empty one is an error."""
+    if "Laterality" in image:
+        return
+    body_part = str(image.get("BodyPartExamined", "") or "").strip().upper()
+    known = get_anatomic_region_map().get(body_part)
+    if not body_part or (known is not None and known[1]):
+        image.Laterality = None
 
 
 def sources_in_volume_order(sources: Sequence[Dataset], volume: Volume) -> list[Dataset]:

@@ -91,11 +91,9 @@ def build_key_images(
                                            f"{prior.study_date or ''} at the same level (right), with "
                                            f"{manifest.algorithm_name} result")[:1024]
         common.copy_clinical_context(image, source)
-        if "BodyPartExamined" not in image and "Laterality" not in image:
-            # Laterality is Type 2C: with no body part nobody knows whether it is paired, so it
-            # is sent empty ("unknown"); absent, dciodvfy counts an error (e.g. an enhanced CT
-            # made by a legacy converter keeps BodyPartExamined in its functional groups)
-            image.Laterality = None
+        # e.g. a lung CT (paired) without Laterality, or an enhanced CT made by a legacy
+        # converter that keeps BodyPartExamined in its functional groups
+        common.add_unknown_laterality(image)
         common.add_contributing_equipment(image, manifest)
         images.append(image)
     return images

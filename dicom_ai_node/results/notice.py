@@ -58,8 +58,7 @@ def build_notice(source: Dataset, manifest: Manifest, rule_name: str, reason: st
     notice.DerivationDescription = (f"No result of {manifest.algorithm_name} {manifest.algorithm_version} "
                                     f"for series {source.get('SeriesInstanceUID', '')}")[:1024]
     common.copy_clinical_context(notice, source)
-    if "BodyPartExamined" not in notice and "Laterality" not in notice:
-        notice.Laterality = None  # Type 2C: unknown without a body part (see key_images)
+    common.add_unknown_laterality(notice)
     common.add_contributing_equipment(notice, manifest)
     return notice
 
