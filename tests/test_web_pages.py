@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dicom_ai_node.db.models import Delivery, DestinationRow, DisabledModel
-from tests.web_support import EVIL, PASSWORD, RULES, STUDY, Web, csrf_of, store_study
+from tests.web_support import EVIL, PASSWORD, RULES, SERIES, STUDY, Web, csrf_of, store_study
 
 PAGES = ["/", "/studies", f"/studies/{STUDY}", "/held", "/rules", "/rules?version=1", "/destinations", "/models",
          "/audit"]
@@ -143,3 +143,21 @@ def test_models_page_lists_the_processes_with_worker_devices_and_the_leader(web)
     assert "cuda" in worker_row and "gpu,any" in worker_row and ">2<" in worker_row and "alive" in worker_row
     web_row = section.split("node-host/web:8080")[1].split("</tr>")[0]
     assert "leader" in web_row and "leader" not in worker_row
+
+
+def test_study_page_says_what_was_refused_before_inference_repaired_and_odd_in_a_header(web):
+    from dicom_ai_node.db.models import Job, JobState, Series
+
+    with web.database.session() as session:
+        series = session.get(Series, SERIES)
+        series.header_notes = ["(01F1,1026) holds 4 bytes, which are not a whole FD value; kept in the file as "
+                               f"received {EVIL}"]
+        refused = session.get(Job, web.ids["crashed"])
+        refused.failed_step, refused.reason = "input", "series does not fit model lung_ct_seg: voxel spacing 12 mm"
+        repaired = session.get(Job, web.ids["queued"])
+        repaired.input_notes = ["the series has no Frame of Reference UID; the results use one made for this series"]
+    page = web.login("victor").get(f"/studies/{STUDY}").text
+    assert "stored as received, with 1 header oddity" in page and "(01F1,1026) holds 4 bytes" in page
+    assert "<b>Refused before inference:</b> series does not fit model lung_ct_seg" in page
+    assert "input repaired before inference (1)" in page and "no Frame of Reference UID" in page
+    assert "<script>" not in page  # header notes are escaped like every DICOM text

@@ -78,7 +78,8 @@ def dry_run(ctx: WebContext, session: Session, text: str, limit: int = 100) -> d
 
 def _runs(runs) -> list[dict]:
     return [{"series_instance_uid": run.series_uid, "model": run.model, "destinations": run.destinations,
-             "rule": run.rule_name, "qc_fail": run.qc_fail} for run in runs]
+             "rule": run.rule_name, "qc_fail": run.qc_fail, "no_result_notice": run.no_result_notice}
+            for run in runs]
 
 
 def save(ctx: WebContext, session: Session, text: str, author: str, comment: str | None) -> int:
