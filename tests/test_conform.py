@@ -106,3 +106,13 @@ def test_a_result_copied_whole_is_checked_in_all_its_modules():
     seg_like = Dataset()
     seg_like.SOPClassUID = CTImageStorage
     assert "KVP" not in seg_like and not any("KVP" in c for c in conform_result(seg_like))
+
+
+def test_identity_removed_without_a_method_keeps_the_flag_and_says_the_method_is_unknown():
+    # NSCLC-Radiomics LUNG1-001 (TCIA): PatientIdentityRemoved YES, no method (a Type 1C error)
+    source = Dataset()
+    source.PatientIdentityRemoved = "YES"
+    changes = conform_source(source)
+    assert source.PatientIdentityRemoved == "YES" and source.DeidentificationMethod == "not stated by the source"
+    assert any("de-identification method" in change for change in changes)
+    assert not any("de-identification" in change for change in conform_source(source))

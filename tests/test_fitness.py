@@ -22,6 +22,7 @@ from dicom_ai_node.models import ModelRegistry
 from dicom_ai_node.storage import Storage
 from dicom_ai_node.web import actions
 from model_zoo.registry import find_manifests
+from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.dciodvfy import dciodvfy_errors
 from tests.stored import queue_job, store_series
 from tests.synthetic import make_ct_series
@@ -220,3 +221,45 @@ def _content(sr):
 
 def _series_paths(folder):
     return sorted(folder.glob("*.dcm"))
+
+
+REAL_CT_SERIES = {  # real scanners' headers, as archives keep them (../shared/data)
+    "nsclc_lung1": "chest_ct/NKI-RT__DecideDocker/workspace/decide/data/LUNG1-001/CT",
+    "4d_lung": "chest_ct/bhklab__readii/tests/4D-Lung/113_HM10395/11-26-1999-NA-p4-13296/"
+               "1.000000-P4P113S303I10349 Gated 40.0B-29543",
+    "copdgene": "chest_ct/acil-bwh__ChestImagingPlatform/Testing/Data/Input/ct-64Dicom",
+}
+
+
+@requires_shared_data
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", sorted(REAL_CT_SERIES))
+def test_results_from_real_scanner_headers_pass_dciodvfy(tmp_path, name):
+    """Whatever a real source's header holds (LUNG1-001: PatientIdentityRemoved without a
+    method), the SEG, SR and key image made from it pass dciodvfy (a threshold mask stands in
+    for the model: the headers are what is tested)."""
+    import numpy as np
+
+    from dicom_ai_node.imaging.load import read_volume
+    from dicom_ai_node.jobs.encode import encode_results
+    from dicom_ai_node.jobs.runner import _encode
+    from dicom_ai_node.results.conform import conform_result
+    from model_zoo.base import Measurement, ModelOutput, SegmentMask
+
+    paths = sorted((SHARED_DATA / REAL_CT_SERIES[name]).glob("*.dcm"))
+    manifest = find_manifests()["lung_ct_seg"]
+    headers = [read_header(path) for path in paths]
+    fitness = check_fitness(manifest, paths, headers)
+    assert fitness.fit, fitness.refusals
+    volume = read_volume(fitness.plan)
+    mask = (volume.pixels > -950) & (volume.pixels < -500)
+    output = ModelOutput(segments=[SegmentMask("lung", mask)],
+                         measurements=[Measurement("volume", float(mask.sum() * volume.voxel_volume_ml), "lung")])
+    for kind, dataset in encode_results(fitness.sources, volume, output, manifest, f"real-{name}",
+                                        input_repairs=fitness.repairs):
+        conform_result(dataset)
+        path = tmp_path / f"{kind}-{dataset.SOPInstanceUID}.dcm"
+        path.write_bytes(_encode(dataset))
+        assert dciodvfy_errors(path) == [], f"{name} {kind}"
+        assert dcmread(path).StudyInstanceUID == headers[0].StudyInstanceUID
+    assert np.any(mask)

@@ -49,6 +49,7 @@ _DATE_SEPARATORS = re.compile(r"[-./]")
 # Enumerated values dciodvfy checks where sources are often sloppy: anything else is left empty.
 _ENUMERATED = {"PatientSex": {"M", "F", "O"}}
 _TYPE2 = {AttributeTypeValues.REQUIRED_EMPTY_IF_UNKNOWN}
+DEIDENTIFICATION_NOT_STATED = "not stated by the source"
 
 
 @lru_cache(maxsize=1)
@@ -66,7 +67,7 @@ def conform_source(header: Dataset) -> list[str]:
     for module in COPIED_MODULES:
         changes += _conform_module(header, _module_tree(module), add_type2=module in ("patient", "general-study"),
                                    where="")
-    return changes
+    return changes + _conform_conditions(header)
 
 
 def conform_result(dataset: Dataset, copied_whole: bool = False) -> list[str]:
@@ -86,7 +87,7 @@ def conform_result(dataset: Dataset, copied_whole: bool = False) -> list[str]:
         if (module not in COPIED_MODULES and not copied_whole) or any(part in module for part in NOT_WALKED):
             continue
         changes += _conform_module(dataset, _module_tree(module), add_type2=entry["usage"] == "M", where="")
-    return changes
+    return changes + _conform_conditions(dataset)
 
 
 def conform_values(dataset: Dataset, where: str = "") -> list[str]:
@@ -227,6 +228,25 @@ def _conform_charset(dataset: Dataset) -> list[str]:
         dataset.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
         return ["SpecificCharacterSet was written in a non-standard form and was mended"]
     return []
+
+
+# --- conditions (Type 1C) that real sources break --------------------------------------
+
+
+def _conform_conditions(dataset: Dataset) -> list[str]:
+    """The Type 1C conditions of the copied modules that real sources were seen to break (the
+    module tables above cannot express conditions). Each mended without inventing a fact.
+
+    Patient module: PatientIdentityRemoved YES needs DeidentificationMethod or its code
+    sequence (NSCLC-Radiomics LUNG1-001 has neither): the flag is kept, and the method says
+    that the source did not state it."""
+    changes = []
+    if (str(dataset.get("PatientIdentityRemoved", "") or "").strip().upper() == "YES"
+            and not dataset.get("DeidentificationMethod") and not dataset.get("DeidentificationMethodCodeSequence")):
+        dataset.DeidentificationMethod = DEIDENTIFICATION_NOT_STATED
+        changes.append("PatientIdentityRemoved is YES without a de-identification method; the method is "
+                       "given as not stated by the source")
+    return changes
 
 
 # --- modules: Type 1 and Type 2 ---------------------------------------------------------
