@@ -139,7 +139,10 @@ def test_clean_is_a_real_lung_block_downsampled(corpus, clean_hu):
             float(original.ImagePositionPatient[axis]) + 1.5 * 0.9766)
 
 
-def test_private_wrong_length(corpus):
+def test_private_wrong_length(corpus, monkeypatch):
+    # pydicom's default: the node itself reads such values as bytes (dicom_ai_node/__init__.py),
+    # which the whole test session shares once anything imported the node
+    monkeypatch.setattr(pydicom.config, "convert_wrong_length_to_UN", False)
     for path in files(corpus["private_wrong_length"]):
         ds = pydicom.dcmread(path)
         assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
