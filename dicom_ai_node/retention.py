@@ -267,7 +267,7 @@ class Retention:
             run.freed += size
         study.instances = 0 if run.budget > 0 else study.instances
         if not run.report.dry_run:
-            self.storage.remove_empty_folders(f"instances/{study.uid}")
+            self.storage.remove_empty_folders(self.storage.study_folder(study.uid))
 
     def _free_results(self, study: StudyFacts, run: _Run) -> None:
         if (study.uid, "results") in run.done:

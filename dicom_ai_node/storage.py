@@ -1,14 +1,16 @@
 """Files on disk: where an instance or a result lives, and how it is written durably.
 
-Paths are built only from UIDs that passed ``check_uid`` (digits and dots, at most 64
-characters), so a hostile UID such as "../../etc" can never pick a path. Such a UID may still
-break the standard's other rule (no leading zero in a component, "1.2.03"): old archives hold
-them, so they are stored (``is_storable_uid``); results cannot reference them (``is_valid_uid``,
-checked before inference).
+A path names a file by its UIDs only when they are digits and dots (at most 64 characters);
+any other identifier a sender uses as a UID (a hexadecimal hash some anonymisers write, a UID
+with a letter, even "../../etc") is stored all the same, as a PACS would, under the SHA-256 of
+it ("h-..."), so no UID can ever pick a path. Such identifiers, and UIDs that break the
+standard's other rules ("1.2.03"), are stored (``is_storable_uid``) but results cannot
+reference them (``is_valid_uid``, checked before inference).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import queue
@@ -21,7 +23,8 @@ from pathlib import Path
 SPARE_INCOMING_FILES = 4
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
-_STORABLE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # safe in a path: digits and dots only
+_UID_SHAPED = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # names a file as it is: digits and dots only
+_IDENTIFIER = re.compile(r"^[\x21-\x5b\x5d-\x7e]{1,64}$")  # printable ASCII, no space or backslash
 INCOMING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}")  # never "." or ".."
 
 
@@ -39,15 +42,24 @@ def is_valid_uid(value: object) -> bool:
 
 
 def is_storable_uid(value: object) -> bool:
-    """Digits and dots, at most 64 characters: safe to name a file, leading zeros allowed."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_STORABLE_UID.match(value))
+    """An identifier the node can store an instance under: 1 to 64 printable ASCII characters
+    without spaces or backslashes (a UID, or what a sloppy sender uses as one)."""
+    return isinstance(value, str) and bool(_IDENTIFIER.match(value))
 
 
 def check_uid(value: object, name: str) -> str:
     if not is_storable_uid(value):
         shown = repr(value)[:80]
-        raise ValueError(f"{name} {shown} is not a valid UID (digits and dots, at most 64 characters)")
+        raise ValueError(f"{name} {shown} is not a valid UID (1 to 64 printable characters, no spaces)")
     return value  # type: ignore[return-value]
+
+
+def path_component(uid: str) -> str:
+    """The UID itself when it is digits and dots, else "h-" and the SHA-256 of it (40 hex
+    digits): never a name the sender chose."""
+    if _UID_SHAPED.match(uid):
+        return uid
+    return "h-" + hashlib.sha256(uid.encode("ascii")).hexdigest()[:40]
 
 
 class Storage:
@@ -73,11 +85,16 @@ class Storage:
         check_uid(study_uid, "StudyInstanceUID")
         check_uid(series_uid, "SeriesInstanceUID")
         check_uid(sop_uid, "SOPInstanceUID")
-        return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
+        return f"instances/{path_component(study_uid)}/{path_component(series_uid)}/{path_component(sop_uid)}.dcm"
+
+    def study_folder(self, study_uid: str) -> str:
+        """The folder of a study's received instances, relative to the root."""
+        check_uid(study_uid, "StudyInstanceUID")
+        return f"instances/{path_component(study_uid)}"
 
     def result_path(self, job_id: int, sop_uid: str) -> str:
         check_uid(sop_uid, "SOPInstanceUID")
-        return f"results/job-{int(job_id)}/{sop_uid}.dcm"
+        return f"results/job-{int(job_id)}/{path_component(sop_uid)}.dcm"
 
     def absolute(self, relative: str) -> Path:
         return self.root / relative

@@ -67,16 +67,32 @@ def test_resent_instance_is_idempotent(node_factory, tmp_path):
     assert rows(node, "select count(*) from instance") == [(1,)]
 
 
-@pytest.mark.parametrize("bad_uid", ["1.2.3.abc", "1.2.3.", "../../etc/passwd"])
-def test_instance_with_a_malformed_uid_is_refused_with_a_reason(node_factory, tmp_path, bad_uid):
+@pytest.mark.parametrize("odd_uid", ["1.2.3.abc", "1.2.3.", "../../etc/passwd"])
+def test_an_identifier_that_is_no_uid_is_stored_under_its_hash(node_factory, tmp_path, odd_uid):
+    """As a PACS stores it (issue 18); the file is named by its SHA-256, never by what was sent."""
+    node = node_factory()
+    dataset = write_tiny_ct(tmp_path / "odd.dcm")
+    dataset.SeriesInstanceUID = odd_uid
+    dataset.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    assert not storescu_failures(storescu("127.0.0.1", node.port, [tmp_path / "odd.dcm"], NODE_AE))
+    [(series_uid, path)] = rows(node, "select series_instance_uid, path from instance")
+    assert series_uid == odd_uid and odd_uid not in path and path.split("/")[2].startswith("h-")
+    assert (node.workdir / "storage" / path).is_file()
+    assert not list((node.workdir / "storage").rglob("passwd*"))
+    [(notes,)] = rows(node, "select header_notes from series")
+    assert "SeriesInstanceUID is not a valid DICOM UID" in notes
+
+
+def test_an_instance_without_a_study_uid_is_refused_with_a_reason(node_factory, tmp_path):
+    """What cannot be filed at all (Orthanc refuses it too)."""
     node = node_factory()
     dataset = write_tiny_ct(tmp_path / "bad.dcm")
-    dataset.SeriesInstanceUID = bad_uid
+    del dataset.StudyInstanceUID
     dataset.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
     failures = storescu_failures(storescu("127.0.0.1", node.port, [tmp_path / "bad.dcm"], NODE_AE))
     assert len(failures) == 1 and failures[0].status is not None
     assert rows(node, "select count(*) from instance") == [(0,)]
-    assert "SeriesInstanceUID is not a valid UID" in node.log()
+    assert "StudyInstanceUID is missing or empty" in node.log()
     assert not list((node.workdir / "storage" / "instances").rglob("*.dcm"))
 
 

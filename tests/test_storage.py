@@ -14,23 +14,36 @@ def test_valid_uids(uid):
     assert is_valid_uid(uid)
 
 
-@pytest.mark.parametrize("uid", ["", "../../etc/passwd", "1..2", "1.2.", "1.2.3/4", "1.2.a", ".1", "1.2.3 ",
-                                 "1." + "2" * 64, None, 12])
-def test_invalid_uids_never_make_a_path(tmp_path, uid):
+@pytest.mark.parametrize("uid", ["", "1.2.3 ", "1.2\\3", "1.2\n3", "1." + "2" * 64, None, 12])
+def test_what_cannot_be_an_identifier_is_refused(tmp_path, uid):
     assert not is_valid_uid(uid)
     with pytest.raises(ValueError):
         Storage(tmp_path).instance_path("1.2.3", uid, "1.2.3.4")
 
 
 def test_a_uid_with_a_leading_zero_is_stored_but_is_not_valid_for_results(tmp_path):
-    # old archives hold such UIDs; digits and dots are safe in a path (issue 18)
+    # old archives hold such UIDs; digits and dots name the file as they are (issue 18)
     assert not is_valid_uid("1.2.03")
     assert Storage(tmp_path).instance_path("1.2.3", "1.2.03", "1.2.3.4") == "instances/1.2.3/1.2.03/1.2.3.4.dcm"
 
 
+@pytest.mark.parametrize("uid", ["../../etc/passwd", "1..2", "1.2.", "1.2.3/4", "1.2.a", ".1",
+                                 "05fa52f0e599f17b8186ff18fcdf2b5570a52206a75c4d03afebf5c475dc8758"])
+def test_any_other_identifier_is_stored_under_its_hash_never_as_a_path(tmp_path, uid):
+    # a hash an anonymiser wrote (pydicom-data bad_sequence.dcm), or a hostile one: stored, as
+    # Orthanc stores them, but the file is named by the SHA-256 of it
+    assert not is_valid_uid(uid)
+    path = Storage(tmp_path).instance_path("1.2.3", uid, "1.2.3.4")
+    study, series, name = path.split("/")[1:]
+    assert study == "1.2.3" and name == "1.2.3.4.dcm"
+    assert series.startswith("h-") and len(series) == 42 and set(series[2:]) <= set("0123456789abcdef")
+    assert series != uid and ".." not in path
+    assert Storage(tmp_path).study_folder(uid).startswith("instances/h-")
+
+
 def test_check_uid_message_names_the_attribute():
-    with pytest.raises(ValueError, match="SeriesInstanceUID '../x' is not a valid UID"):
-        check_uid("../x", "SeriesInstanceUID")
+    with pytest.raises(ValueError, match="SeriesInstanceUID '../ x' is not a valid UID"):
+        check_uid("../ x", "SeriesInstanceUID")
 
 
 def test_atomic_write_leaves_only_the_final_file(tmp_path):

@@ -260,6 +260,6 @@ def _uid(dataset: Dataset, keyword: str) -> str:
     value = str(value).strip().rstrip("\x00") if value is not None else ""
     if not value:
         raise _Refused(DATASET_DOES_NOT_MATCH, f"{keyword} is missing or empty")
-    if not is_storable_uid(value):  # leading zeros are stored (results cannot use them: jobs/fitness.py)
+    if not is_storable_uid(value):  # what is not a valid UID is stored (results cannot use it: jobs/fitness.py)
         raise _Refused(DATASET_DOES_NOT_MATCH, f"{keyword} is not a valid UID")
     return value
