@@ -263,3 +263,43 @@ def test_results_from_real_scanner_headers_pass_dciodvfy(tmp_path, name):
         assert dciodvfy_errors(path) == [], f"{name} {kind}"
         assert dcmread(path).StudyInstanceUID == headers[0].StudyInstanceUID
     assert np.any(mask)
+
+
+def test_a_derived_series_from_a_sloppy_source_passes_dciodvfy(tmp_path):
+    """A derived image copies its source header whole: every module of the CT IOD is made valid
+    (lower-case code strings, person names, items without their Type 1, a long DS, no
+    Frame of Reference; the denoiser's output stands in as the source's own pixels)."""
+    from dicom_ai_node.imaging.load import read_volume
+    from dicom_ai_node.jobs.encode import encode_results
+    from dicom_ai_node.jobs.runner import _encode
+    from dicom_ai_node.results.conform import conform_result
+    from model_zoo.base import Measurement, ModelOutput
+
+    def sloppier(dataset, index):
+        sloppy_values(dataset, index)
+        dataset.ImageType = ["original", "primary", "axial"]
+        reference = Dataset()
+        reference.ReferencedSOPInstanceUID = "1.2.3.4"  # no class
+        dataset.ReferencedImageSequence = [reference]
+        dataset.SliceThickness = "2.500000000000000001"
+        del dataset.FrameOfReferenceUID
+
+    series = quirky(tmp_path, "derived", sloppier, shape=(8, 32, 32))
+    manifest = find_manifests()["ct_denoise"]
+    headers = [read_header(path) for path in series.paths]
+    fitness = check_fitness(manifest, series.paths, headers)
+    assert fitness.fit, fitness.refusals
+    volume = read_volume(fitness.plan)
+    output = ModelOutput(derived_pixels=volume.pixels.copy(),
+                         measurements=[Measurement("noise_input", 10.0), Measurement("noise_output", 5.0)])
+    objects = encode_results(fitness.sources, volume, output, manifest, "derived-sloppy",
+                             input_repairs=fitness.repairs)
+    derived = [dataset for kind, dataset in objects if kind == "derived"]
+    assert len(derived) == 8
+    for kind, dataset in objects:
+        conform_result(dataset, copied_whole=kind == "derived")
+        path = tmp_path / f"{kind}-{dataset.SOPInstanceUID}.dcm"
+        path.write_bytes(_encode(dataset))
+        assert dciodvfy_errors(path) == [], kind
+    assert derived[0].ImageType[0] == "DERIVED" and "ReferencedImageSequence" not in derived[0]
+    assert str(derived[0].PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
