@@ -59,6 +59,36 @@ def send(port: int, files: list[Path], extra: tuple[str, ...] = (), batch: int =
     return outcomes
 
 
+def send_unsent(port: int, outcomes: list) -> None:
+    """What storescu could not send (a transfer syntax it cannot read or convert, a file meta it
+    refuses), sent again by pynetdicom as the file is, in its own transfer syntax; the outcome's
+    status then says what the node answered (prefixed "pynetdicom:")."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    for outcome in outcomes:
+        if outcome.status is not None:
+            continue
+        try:
+            dataset = dcmread(outcome.path)
+            ae = AE(ae_title="STORESCU")
+            ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+            association = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+            if not association.is_established:
+                outcome.status = "pynetdicom: association refused"
+                continue
+            try:
+                answer = association.send_c_store(dataset)
+            finally:
+                association.release()
+            code = int(answer.Status) if answer else None
+            outcome.status = ("Success (pynetdicom)" if code == 0 else
+                              f"pynetdicom: status 0x{code:04X} {answer.get('ErrorComment', '')}" if answer else
+                              "pynetdicom: no answer")
+        except Exception as error:  # the file itself cannot be read or sent
+            outcome.status = f"pynetdicom could not send it either: {type(error).__name__}: {str(error)[:80]}"
+
+
 def studies(node: NodeProcess) -> list[dict]:
     return [node.study(uid) for uid in _query(node, "select study_instance_uid from study")]
 
@@ -100,6 +130,7 @@ def main() -> None:
     try:
         with node:
             shared = send(node.port, files)
+            send_unsent(node.port, shared)
             corpus = []
             for case in cases:
                 if case.name in NOT_KEPT_BY_STORESCU:

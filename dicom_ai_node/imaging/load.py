@@ -442,13 +442,14 @@ def _present_in_all(headers: list[Dataset]) -> frozenset[str]:
     """Keywords with a non-empty top-level value in every header (for required attributes that
     may differ per file, such as RescaleIntercept), plus those every enhanced file's frames all
     have in their functional groups."""
-    present = None
-    for header in headers:
-        keys = {keyword_for_tag(tag) for tag in header.keys()
-                if not tag.is_private and _has_value(header.get_item(tag, keep_deferred=True))}
-        keys |= set(shared_frame_values(header))
-        present = keys if present is None else present & keys
-    present = present or set()
+    tags, lifted = None, None
+    for header in headers:  # tags first, keywords once: 400 headers x 100 keyword lookups cost
+        has = {tag for tag in header.keys()
+               if not tag.is_private and _has_value(header.get_item(tag, keep_deferred=True))}
+        tags = has if tags is None else tags & has
+        frames = set(shared_frame_values(header)) if "PerFrameFunctionalGroupsSequence" in header else set()
+        lifted = frames if lifted is None else lifted & frames
+    present = {keyword_for_tag(tag) for tag in tags or ()} | (lifted or set())
     present.discard("")
     return frozenset(present)
 

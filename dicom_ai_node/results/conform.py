@@ -58,6 +58,14 @@ def copied_keywords() -> frozenset[str]:
     return frozenset(keyword for module in COPIED_MODULES for keyword in _module_tree(module)["attributes"])
 
 
+@lru_cache(maxsize=1)
+def copied_tags() -> tuple[int, ...]:
+    """The tags conform_source may change: the copied modules' and the character set."""
+    from pydicom.datadict import tag_for_keyword
+
+    return tuple(sorted({0x00080005, *(tag_for_keyword(k) for k in copied_keywords() if tag_for_keyword(k))}))
+
+
 def conform_source(header: Dataset) -> list[str]:
     """Make the copied modules of one source header valid, in place; the changes made."""
     changes = _conform_charset(header)
