@@ -18,14 +18,20 @@ plausible volume, so its results arrive flagged "QC FAILED".
 earlier and with larger voxels, is put into Orthanc first; the rule asks for priors with
 Orthanc as the source, so the node C-FINDs and C-MOVEs it and the SR reports the change.
 Only the follow-up study (its images and results) is written to OUT.
+
+--quirk: a case of the quirk corpus (tests/quirk_corpus.py, issue 18) instead, e.g.
+frame_of_reference_per_slice, charset_iso2022_ir87, or gantry_tilt (refused before inference:
+the "AI RESULT NOT PRODUCED" notice is the result); the rule asks for the notice.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,11 +49,12 @@ PRIORS = 'priors = { same_modality = true, within_days = 1095, max = 1 }\nsource
 CALLERS = '{ ae_title = "STORESCU" }, { ae_title = "ECHOSCU" }, { ae_title = "ORTHANC" }'
 
 
-def rule(model: str, qc_fail: str | None, with_prior: bool) -> str:
+def rule(model: str, qc_fail: str | None, with_prior: bool, notice: bool = False) -> str:
     policy = f'qc_fail = "{qc_fail}"\n' if qc_fail else ""
     priors = PRIORS if with_prior else ""
+    notice_line = "no_result_notice = true\n" if notice else ""
     return (f'[[rules]]\nname = "viewer-check"\npriority = 10\nmodels = ["{model}"]\ndestinations = ["pacs"]\n'
-            f'{policy}{priors}when = {{ all = [ {{ tag = "Modality", equals = "CT" }} ] }}\n')
+            f'{policy}{priors}{notice_line}when = {{ all = [ {{ tag = "Modality", equals = "CT" }} ] }}\n')
 
 
 def put_prior(orthanc: OrthancPeer, folder: Path, args) -> None:
@@ -72,10 +79,21 @@ def main() -> None:
     parser.add_argument("--qc-fail", choices=("hold", "send_flagged", "drop"))
     parser.add_argument("--case", help="a real chest CT case (model_zoo/lung_ct_seg/data.py CASES)")
     parser.add_argument("--with-prior", action="store_true", help="a follow-up whose prior is only in Orthanc")
+    parser.add_argument("--quirk", help="a case of the quirk corpus (tests/quirk_corpus.py CASE_NAMES)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    storescu_args: tuple[str, ...] = ()
     with tempfile.TemporaryDirectory() as workdir:
-        if args.case:
+        if args.quirk:
+            from tests.conftest import SHARED_DATA
+            from tests.quirk_corpus import make_quirk_corpus
+
+            (case,) = make_quirk_corpus(Path(workdir) / "corpus", SHARED_DATA, [args.quirk])
+            shutil.copytree(case.folder, Path(workdir) / "ct")
+            series = SimpleNamespace(study_instance_uid=case.study_instance_uid,
+                                     paths=sorted((Path(workdir) / "ct").iterdir()))
+            storescu_args = case.storescu_args
+        elif args.case:
             from model_zoo.lung_ct_seg.data import load_case
 
             pixels, spacing, _ = load_case(args.case)
@@ -87,15 +105,18 @@ def main() -> None:
         if args.with_prior:
             put_prior(orthanc, Path(workdir) / "prior", args)
         node = NodeProcess(Path(workdir) / "node", port=orthanc.node_port, destination_port=orthanc.dicom_port,
-                           rules=rule(args.model, args.qc_fail, args.with_prior), quiet_period_s=5.0,
+                           rules=rule(args.model, args.qc_fail, args.with_prior, notice=bool(args.quirk)),
+                           quiet_period_s=5.0,
                            allowed_callers=CALLERS).start()
         try:
-            failures = storescu_failures(storescu("127.0.0.1", node.port, Path(workdir) / "ct", NODE_AE))
+            failures = storescu_failures(storescu("127.0.0.1", node.port, Path(workdir) / "ct", NODE_AE,
+                                                  extra_args=storescu_args))
             if failures:
                 raise SystemExit(f"storescu failed: {failures[:3]}")
             def finished_jobs():  # done, held, dropped, failed ...: nothing more will arrive
                 jobs = node.study(series.study_instance_uid)["jobs"]
-                return jobs if jobs and all(job["state"] not in RUNNING for job in jobs) else None
+                sending = any(d["state"] == "pending" for job in jobs for r in job["results"] for d in r["deliveries"])
+                return jobs if jobs and not sending and all(job["state"] not in RUNNING for job in jobs) else None
 
             jobs = wait_for(finished_jobs, timeout=600, interval=1.0, what=f"the {args.model} job finished")
             print(", ".join(f"job {job['id']}: {job['state']} ({job.get('prior') or 'no prior asked'})"

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from pydicom.datadict import dictionary_VR, keyword_for_tag, private_dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -93,8 +94,6 @@ def header_attributes(dataset: Dataset, notes: list[str] | None = None) -> dict[
 
 def _dictionary_vr(dataset: Dataset, tag) -> str | None:
     """The VR the public or private dictionary gives ``tag`` (None when unknown)."""
-    from pydicom.datadict import dictionary_VR, private_dictionary_VR
-
     try:
         if not tag.is_private:
             return dictionary_VR(tag)
@@ -105,8 +104,6 @@ def _dictionary_vr(dataset: Dataset, tag) -> str | None:
 
 
 def _tag_name(tag) -> str:
-    from pydicom.datadict import keyword_for_tag
-
     keyword = keyword_for_tag(tag) if not tag.is_private else ""
     return f"{keyword} ({tag.group:04X},{tag.element:04X})" if keyword else f"({tag.group:04X},{tag.element:04X})"
 

@@ -35,7 +35,7 @@ from dicom_ai_node.jobs.fitness import check_fitness
 from dicom_ai_node.jobs.retraction import retraction_count
 from dicom_ai_node.notify import ignore
 from dicom_ai_node.results import common
-from dicom_ai_node.results.conform import conform_result, copied_tags
+from dicom_ai_node.results.conform import conform_result
 from dicom_ai_node.results.notice import build_notice
 from dicom_ai_node.priors.inputs import load_prior, waiting_for_prior
 from dicom_ai_node.router import input_fingerprint
@@ -82,7 +82,6 @@ class JobRunner:
         self.on_results = on_results  # tells the outbox there is something to send
         self.default_qc_fail = default_qc_fail  # [qc] on_fail: for jobs whose rule has no qc_fail
         self.notify = notify  # Notifier.emit: "job_failed", "result_held"
-        copied_tags()  # reads highdicom's tables of the standard (0.4 s) now, not in the first job
 
     def run(self, job_id: int) -> None:
         claimed = self.claim(job_id)

@@ -30,10 +30,11 @@ from highdicom._standard_utils import (  # the standard's module tables, as high
 from pydicom import config
 from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.valuerep import PersonName, format_number_as_ds, validate_value
+from pydicom.valuerep import format_number_as_ds, validate_value
 
 # Modules every result copies from its source (highdicom's copy_patient_and_study_information).
 COPIED_MODULES = ("patient", "clinical-trial-subject", "general-study", "patient-study", "clinical-trial-study")
@@ -61,8 +62,6 @@ def copied_keywords() -> frozenset[str]:
 @lru_cache(maxsize=1)
 def copied_tags() -> tuple[int, ...]:
     """The tags conform_source may change: the copied modules' and the character set."""
-    from pydicom.datadict import tag_for_keyword
-
     return tuple(sorted({0x00080005, *(tag_for_keyword(k) for k in copied_keywords() if tag_for_keyword(k))}))
 
 
@@ -139,7 +138,7 @@ def _conform_element(dataset: Dataset, element: DataElement, where: str) -> list
         if fixed is None:
             changed = True
             continue
-        changed |= fixed != (str(item) if vr != "PN" else str(item))
+        changed |= fixed != str(item)
         mended.append(fixed)
     allowed = _ENUMERATED.get(element.keyword)
     if allowed is not None and any(item not in allowed for item in mended):
@@ -149,13 +148,14 @@ def _conform_element(dataset: Dataset, element: DataElement, where: str) -> list
     if mended:
         element.value = mended if len(mended) > 1 else mended[0]
         return [f"{name} was not valid for its VR {vr} and was mended"]
-    element.value = None  # empty: the IOD step removes it where it may not be empty
+    # empty ("unknown"): what Type 2 and 3 allow; an item whose Type 1 it was is then dropped
+    element.value = None
     return [f"{name} was not valid for its VR {vr} and was emptied"]
 
 
 def _mended(vr: str, value) -> str | None:
     """``value`` as a valid string of ``vr`` (itself when valid), or None when it cannot be."""
-    text = str(value) if not isinstance(value, PersonName) else str(value)
+    text = str(value)
     if vr == "PN":
         text = _mended_person_name(text)
     elif vr == "DS":
@@ -314,8 +314,6 @@ class _SequenceKeywords:
     """Keywords whose VR is SQ (an empty Type 2 sequence is written as an empty Sequence)."""
 
     def __contains__(self, keyword: str) -> bool:
-        from pydicom.datadict import dictionary_VR, tag_for_keyword
-
         tag = tag_for_keyword(keyword)
         return tag is not None and dictionary_VR(tag) == "SQ"
 
@@ -324,6 +322,4 @@ _SEQUENCE_KEYWORDS = _SequenceKeywords()
 
 
 def _name(tag) -> str:
-    from pydicom.datadict import keyword_for_tag
-
     return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"

@@ -19,5 +19,8 @@ def warm_up() -> None:
         _standard_utils.get_sop_class_iod_map()
         _standard_utils.get_iod_module_map()
         _standard_utils.get_module_attribute_map()
+        from dicom_ai_node.results.conform import copied_tags
+
+        copied_tags()  # the module trees the fitness check and the results' conform step walk
     except Exception as error:  # only a speed-up; results are built the same without it
         log.debug("highdicom warm-up skipped: %s", error)
