@@ -132,9 +132,10 @@ def test_missing_type2_and_invalid_copied_values_are_repaired_in_every_result(ru
     assert "source ReferencedStudySequence item 1 lacked Type 1 ReferencedSOPClassUID and was left out" \
         in job.input_notes
     results_pass_dciodvfy(runner, job)
-    for result in job.results:  # the character set is kept right: the Japanese name reads back
-        dataset = dcmread(runner.storage.absolute(result.path))
+    for result in job.results:  # the characters are kept: the Japanese name reads back, in UTF-8,
+        dataset = dcmread(runner.storage.absolute(result.path))  # which OHIF reads (not ISO 2022)
         assert str(dataset.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう", result.kind
+        assert dataset.SpecificCharacterSet == "ISO_IR 192", result.kind
         assert dataset.PatientSex == "M" and "ReferencedStudySequence" not in dataset
 
 

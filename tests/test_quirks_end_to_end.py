@@ -62,6 +62,7 @@ class Outcome:
     seg_ml: float | None = None
     notice_reason: str | None = None
     sr_repairs: list[str] = field(default_factory=list)  # the SR's "Input repaired" texts
+    patient_names: set[str] = field(default_factory=set)  # of every object sent, as read back
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,7 @@ def corpus_outcomes(tmp_path_factory):
                         path.write_bytes(data)
                         outcome.dciodvfy[orthanc_id] = dciodvfy_errors(path)
                         dataset = dcmread(io.BytesIO(data))
+                        outcome.patient_names.add(str(dataset.get("PatientName", "")))
                         if series["SeriesNumber"] == str(NOTICE_SERIES_NUMBER):
                             outcome.notice_reason = str(dataset.ImageComments)
                         elif dataset.SOPClassUID == SEG:
@@ -178,6 +180,10 @@ def test_quirk_case_is_stored_then_processed_or_refused_before_inference(corpus_
     assert job["failed_step"] in (None, "input"), f"{summary}: a job may never fail after inference"
     for orthanc_id, errors in outcome.dciodvfy.items():
         assert errors == [], f"{summary}: dciodvfy errors in what the node sent ({orthanc_id})"
+
+    first = dcmread(next(case.folder.iterdir()), stop_before_pixels=True, force=True)  # force: no preamble
+    source_name = str(first.get("PatientName", ""))
+    assert outcome.patient_names == {source_name}, f"{summary}: names as sent {outcome.patient_names}"
 
     if case.expect == "result":
         assert job["state"] == "done", summary

@@ -31,7 +31,7 @@ from pydicom.uid import UID
 from dicom_ai_node.imaging.load import SeriesPlan, plan_series
 from dicom_ai_node.imaging.volume import VolumeError
 from dicom_ai_node.results import common
-from dicom_ai_node.results.conform import conform_source, copied_tags
+from dicom_ai_node.results.conform import conform_source, copied_tags, decode_all
 from dicom_ai_node.storage import is_valid_uid
 from model_zoo.manifest import Manifest
 from model_zoo.registry import check_input
@@ -97,6 +97,8 @@ def _conform_sources(sources: list[Dataset]) -> list[str]:
             mended[signature] = (header, [tag for tag in tags if _value(header, tag) != before[tag]])
             continue
         model, changed = done
+        if 0x00080005 in changed:  # its other text is read in its own set before the set changes
+            decode_all(header)
         for tag in changed:  # the rest is the same bytes already
             if tag in model:
                 header[tag] = copy.deepcopy(model[tag])

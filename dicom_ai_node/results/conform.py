@@ -67,7 +67,7 @@ def copied_tags() -> tuple[int, ...]:
 
 def conform_source(header: Dataset) -> list[str]:
     """Make the copied modules of one source header valid, in place; the changes made."""
-    changes = _conform_charset(header)
+    changes = _conform_charset(header, code_extensions_to_utf8=False)
     for keyword in sorted(copied_keywords()):
         if keyword in header:
             changes += _conform_element(header, header.data_element(keyword), "")
@@ -84,7 +84,7 @@ def conform_result(dataset: Dataset, copied_whole: bool = False) -> list[str]:
     copied from its source: the patient and study modules (SEG, SR, SC and KOS, which
     highdicom builds), or, when ``copied_whole`` (a derived image: a copy of its source
     header), all its modules but those the node builds itself (NOT_WALKED)."""
-    changes = _conform_charset(dataset)
+    changes = _conform_charset(dataset, code_extensions_to_utf8=True)
     changes += conform_values(dataset)
     iod = get_sop_class_iod_map().get(str(dataset.get("SOPClassUID", "")))
     if iod is None:
@@ -214,11 +214,16 @@ def _valid(vr: str, text: str) -> bool:
     return True
 
 
-def _conform_charset(dataset: Dataset) -> list[str]:
+def _conform_charset(dataset: Dataset, code_extensions_to_utf8: bool) -> list[str]:
     """A Specific Character Set highdicom and every reader accept, meaning what the source
     meant: an empty first value with code extensions is the default repertoire "ISO 2022 IR 6";
-    a term nobody knows becomes UTF-8, as pydicom has decoded the values already (with its
-    fallback) and writes them in the result's set."""
+    a term nobody knows becomes UTF-8 (pydicom decodes with its fallback).
+
+    ``code_extensions_to_utf8`` (a result): code extensions (ISO 2022, e.g. Japanese "ISO 2022
+    IR 87") become UTF-8, "ISO_IR 192": the same characters, which OHIF (dcmjs) can read, while
+    it refuses to open an object with more than one character set ("Using multiple character
+    sets is not supported"). Whenever the set changes, every value is decoded first with the
+    old one: pydicom decodes lazily, and would read the old bytes in the new set."""
     if "SpecificCharacterSet" not in dataset:
         return []
     value = dataset.SpecificCharacterSet
@@ -229,13 +234,25 @@ def _conform_charset(dataset: Dataset) -> list[str]:
         del dataset.SpecificCharacterSet
         return []
     if any(term not in python_encoding for term in terms):
+        decode_all(dataset)
         dataset.SpecificCharacterSet = "ISO_IR 192"
         return ["SpecificCharacterSet named a character set nobody knows; the result is written in UTF-8"]
+    if code_extensions_to_utf8 and len(terms) > 1:
+        decode_all(dataset)
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+        return [f"SpecificCharacterSet {' / '.join(terms)} (code extensions) is written as UTF-8 (ISO_IR 192), "
+                "the same characters, which every viewer reads"]
     original = list(value) if isinstance(value, MultiValue) else [value]
     if terms != original:
         dataset.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
         return ["SpecificCharacterSet was written in a non-standard form and was mended"]
     return []
+
+
+def decode_all(dataset: Dataset) -> None:
+    """Every element read from its bytes now, with the data set's present character set."""
+    for _ in dataset.iterall():
+        pass
 
 
 # --- conditions (Type 1C) that real sources break --------------------------------------
