@@ -185,7 +185,8 @@ def render(files, shared, cases, corpus, details, sent_objects, seconds) -> str:
         lines += [f"| {reason} | {n} |" for reason, n in refusals.most_common()]
         lines.append("")
     after = [j for j in jobs if j["failed_step"] in ("inference", "encoding")]
-    lines.append(f"- failed after inference: {len(after)}" + "".join(f"\n  - job {j['id']}: {j['reason']}" for j in after))
+    lines.append(f"- failed after inference: {len(after)}")
+    lines += [f"  - job {j['id']}: {j['reason']}" for j in after]
     repaired = collections.Counter(note.split(" and ")[0] for j in jobs for note in j["input_notes"])
     lines.append(f"- jobs run with repairs: {sum(1 for j in jobs if j['input_notes'])} "
                  f"({len(repaired)} kinds of repair)")
