@@ -47,9 +47,10 @@ def main() -> None:
             assert fitness.fit, fitness.refusals
             read_volume(fitness.plan)
             new.append(time.perf_counter() - started)
-    print(f"{args.slices} slices of 512 x 512, median of {args.repeat}: headers + load_series "
-          f"{statistics.median(old):.3f} s; headers + check_fitness + read_volume {statistics.median(new):.3f} s "
-          f"(check_fitness alone {statistics.median(check):.3f} s, ratio {statistics.median(new) / statistics.median(old):.2f})")
+    before, now = statistics.median(old), statistics.median(new)
+    print(f"{args.slices} slices of 512 x 512, median of {args.repeat}: headers + load_series {before:.3f} s; "
+          f"headers + check_fitness + read_volume {now:.3f} s (check_fitness alone "
+          f"{statistics.median(check):.3f} s, ratio {now / before:.2f})")
 
 
 if __name__ == "__main__":
