@@ -114,7 +114,7 @@ class JobRunner:
                 update(Job).where(Job.id == job_id, Job.state == JobState.queued, Job.attempts < MAX_ATTEMPTS,
                                   ~waiting_for_prior(Job.id))
                 .values(state=JobState.running, attempts=Job.attempts + 1, started_at=utcnow(),
-                        claimed_by=self.process_name)
+                        claimed_by=self.process_name, input_notes=None, failed_step=None)  # this attempt's own
                 .execution_options(synchronize_session=False))
             if claimed.rowcount != 1:
                 given_up = session.execute(
