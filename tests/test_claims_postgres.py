@@ -63,9 +63,12 @@ def _queued_jobs(database: Database) -> list[int]:
 
 
 def _race(target, *args) -> list:
-    """Run ``target(*args)`` in PROCESSES forked processes at once; returns what each put in
-    the queue (one list per process). Fails when a process fails or does not finish in time."""
-    context = multiprocessing.get_context("fork")
+    """Run ``target(*args)`` in PROCESSES new processes at once; returns what each put in the
+    queue (one list per process). Fails when a process fails or does not finish in time.
+
+    Spawned, not forked: a fork copies the test process with its other threads' locks held
+    (the full suite leaves some), and in 2 full runs of 2 a forked racer hung for good."""
+    context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(PROCESSES), context.Queue()
     processes = [context.Process(target=target, args=(start, results, *args)) for _ in range(PROCESSES)]
     for process in processes:
